@@ -1,0 +1,53 @@
+"""Flags shared by several commands, named as nnU-Net names them where it has a name."""
+from __future__ import annotations
+
+import argparse
+
+from lefusion_nnunet.errors import LeFusionInputError
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda (default: auto)")
+
+
+def add_seed(p: argparse.ArgumentParser, default: int = 0) -> None:
+    p.add_argument("--seed", type=int, default=default, help=f"random seed (default: {default})")
+
+
+def add_sampler(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampler")
+    g.add_argument("--sampler", choices=["ddim", "repaint"], default=None,
+                   help="ddim: fast inpainting sampler (default); repaint: paper-faithful RePaint with jumps")
+    g.add_argument("--steps", dest="sampler_steps", type=int, default=None,
+                   help="denoising steps of the ddim sampler (default: 25)")
+    g.add_argument("--jump-length", type=int, default=None, help="RePaint jump length j (default: 2)")
+    g.add_argument("--jump-n-sample", type=int, default=None, help="RePaint resampling count r (default: 2)")
+    g.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale (1 = conditional model only; default: 1.0)")
+    g.add_argument("--texture", nargs="+", default=None, metavar="SPEC",
+                   help="cluster:K, random or file:PATH (JSON list of 16 numbers); per class as LABEL=SPEC "
+                        "(default: random)")
+    g.add_argument("--batch-size", type=int, default=4, help="ROIs per network call (default: 4)")
+
+
+def sampler_overrides(args: argparse.Namespace) -> dict:
+    """SamplerConfig fields set on the command line."""
+    out = {}
+    if args.sampler is not None:
+        out["name"] = args.sampler
+    if args.sampler_steps is not None:
+        out["num_steps"] = args.sampler_steps
+    if args.jump_length is not None:
+        out["jump_length"] = args.jump_length
+    if args.jump_n_sample is not None:
+        out["jump_n_sample"] = args.jump_n_sample
+    return out
+
+
+def xyz_to_zyx(values, what: str, kind=float) -> tuple:
+    """A user's ``X Y Z`` triple -> ``(z, y, x)``."""
+    if values is None:
+        return None
+    if len(values) != 3:
+        raise LeFusionInputError(f"{what} takes three numbers X Y Z.")
+    return tuple(kind(v) for v in values[::-1])

@@ -1,0 +1,47 @@
+"""The `lefusion` command: one subcommand per job, each a thin wrapper around a typed function.
+
+Bad input surfaces as one sentence (``lefusion: error: ...``) with exit status 2 and nothing written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lefusion_nnunet import __version__
+from lefusion_nnunet.cli import data_commands, demo, nnunet_commands, synthesize, train
+from lefusion_nnunet.errors import LeFusionInputError
+
+COMMAND_MODULES = (data_commands, train, synthesize, nnunet_commands, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lefusion",
+        description="LeFusion lesion-focused diffusion for nnU-Net v2: train a lesion model on an nnU-Net raw "
+                    "dataset, synthesise lesions into lesion-free scans, enlarge datasets, and train nnU-Net "
+                    "with synthetic lesions (-tr LeFusionTrainer).")
+    parser.add_argument("--version", action="version", version=f"lefusion-nnunet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except LeFusionInputError as exc:
+        print(f"lefusion: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lefusion: interrupted; completed work is kept and --resume continues it.", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

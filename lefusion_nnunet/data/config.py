@@ -1,0 +1,66 @@
+"""DataConfig: what a checkpoint was trained on, and so what it can be applied to."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lefusion_nnunet.data.intensity import IntensitySpace
+from lefusion_nnunet.data.roi import RoiGeometry
+from lefusion_nnunet.errors import LeFusionCheckpointError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data of a LeFusion model.
+
+    Attributes:
+        dataset_name: nnU-Net dataset name (``DatasetXXX_Name``).
+        lesion_labels: label values of the C lesion classes, in channel order.
+        label_names: names of those labels (from dataset.json).
+        region_label: host-region label (e.g. lung) lesions must lie in, or None.
+        channel: image channel the model was trained on.
+        modality: ``"CT"`` or ``"MR"`` (dataset.json channel name).
+        roi: the model grid (size, spacing in mm, z, y, x).
+        intensity: native <-> model mapping.
+        file_ending: the dataset's file ending.
+    """
+
+    dataset_name: str
+    lesion_labels: tuple[int, ...]
+    label_names: tuple[str, ...]
+    region_label: int | None
+    channel: int
+    modality: str
+    roi: RoiGeometry
+    intensity: IntensitySpace
+    file_ending: str = ".nii.gz"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.lesion_labels)
+
+    def to_dict(self) -> dict:
+        return {"dataset_name": self.dataset_name, "lesion_labels": list(self.lesion_labels),
+                "label_names": list(self.label_names), "region_label": self.region_label,
+                "channel": self.channel, "modality": self.modality, "roi": self.roi.to_dict(),
+                "intensity": self.intensity.to_dict(), "file_ending": self.file_ending, "extra": dict(self.extra)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        return cls(dataset_name=d["dataset_name"], lesion_labels=tuple(int(v) for v in d["lesion_labels"]),
+                   label_names=tuple(d["label_names"]), region_label=d["region_label"], channel=int(d["channel"]),
+                   modality=d["modality"], roi=RoiGeometry.from_dict(d["roi"]),
+                   intensity=IntensitySpace.from_dict(d["intensity"]), file_ending=d.get("file_ending", ".nii.gz"),
+                   extra=dict(d.get("extra", {})))
+
+    def check_compatible(self, labels: dict[str, int], modality: str, what: str) -> None:
+        """Raise if a dataset's labels/modality do not fit this checkpoint (``labels`` name -> value)."""
+        values = set(labels.values())
+        missing = [v for v in self.lesion_labels if v not in values]
+        if missing:
+            raise LeFusionCheckpointError(f"the checkpoint was trained for lesion label(s) {list(self.lesion_labels)} "
+                                          f"but {what} has no label {missing}; use a checkpoint trained on "
+                                          f"this dataset's labels.")
+        if modality != self.modality:
+            raise LeFusionCheckpointError(f"the checkpoint was trained on {self.modality} images but {what} is "
+                                          f"{modality}; use a checkpoint trained on this modality.")

@@ -1,0 +1,208 @@
+"""Image and label file I/O through nnU-Net's own reader selection.
+
+Reading uses ``nnunetv2.imageio.reader_writer_registry`` so every file ending nnU-Net reads is read
+the same way here. Arrays come back in nnU-Net's axis order: images ``(C, Z, Y, X)`` float32, labels
+``(Z, Y, X)``; spacing is ``(z, y, x)`` in millimetres.
+
+Writing goes through SimpleITK with the source file's geometry (spacing, origin, direction) and the
+source file's pixel type, so voxels we did not change read back bit-identical.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.utils import _friendly_os_error
+
+Spacing = tuple[float, float, float]
+
+
+@dataclass
+class ImageVolume:
+    """A multi-channel image as nnU-Net reads it.
+
+    Attributes:
+        array: float32 ``(C, Z, Y, X)``.
+        spacing: ``(z, y, x)`` in mm.
+        properties: the reader's properties (``sitk_stuff`` holds SimpleITK geometry in x, y, z order).
+        source_dtypes: numpy dtype name of the stored pixels, one per channel file.
+        files: the channel files, in channel order.
+    """
+
+    array: np.ndarray
+    spacing: Spacing
+    properties: dict
+    source_dtypes: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape[1:])  # type: ignore[return-value]
+
+    def channel(self, index: int) -> np.ndarray:
+        """One channel as ``(Z, Y, X)`` float32 (a view)."""
+        if not 0 <= index < self.array.shape[0]:
+            raise LeFusionInputError(
+                f"channel {index} was requested but {self.files[0] if self.files else 'the image'} has "
+                f"{self.array.shape[0]} channel(s); pass --channel between 0 and {self.array.shape[0] - 1}.")
+        return self.array[index]
+
+
+def _reader_for(files: Sequence[Path]):
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
+
+    first = Path(files[0])
+    ending = "".join(first.suffixes[-2:]) if first.name.endswith(".nii.gz") else first.suffix
+    try:
+        return determine_reader_writer_from_file_ending(ending, str(first), allow_nonmatching_filename=True,
+                                                        verbose=False)()
+    except Exception as exc:  # nnU-Net raises RuntimeError with a long text
+        raise LeFusionInputError(f"no nnU-Net reader can open {first} (ending {ending!r}); convert it to "
+                                 f".nii.gz, .nrrd or .mha.") from exc
+
+
+def _stored_dtype(path: Path) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(),
+                                                          reader.GetPixelID())).dtype).name
+
+
+def _check_readable(files: Sequence[Path]) -> None:
+    for f in files:
+        if not Path(f).is_file():
+            raise LeFusionInputError(f"file {f} does not exist; check the dataset folder and dataset.json.")
+
+
+def read_image(files: Sequence[Path | str]) -> ImageVolume:
+    """Read the channel files of one case (``CASE_0000.ext``, ``CASE_0001.ext`` ...) as ``(C, Z, Y, X)``.
+
+    Raises :class:`LeFusionInputError` for missing, unreadable, non-3D or non-finite images.
+    """
+    files = [Path(f) for f in files]
+    _check_readable(files)
+    dims = []
+    for f in files:
+        try:
+            r = sitk.ImageFileReader()
+            r.SetFileName(str(f))
+            r.ReadImageInformation()
+            dims.append((r.GetDimension(), r.GetNumberOfComponents()))
+        except RuntimeError as exc:
+            raise LeFusionInputError(f"{f} is not a readable image (truncated or corrupt?); re-export it.") from exc
+    for f, (dim, comps) in zip(files, dims):
+        if dim != 3 or comps != 1:
+            raise LeFusionInputError(f"{f} is a {dim}D image with {comps} component(s) but a 3D single-component "
+                                     f"volume is required; split 4D files into one file per channel "
+                                     f"(CASE_0000, CASE_0001, ...).")
+    rw = _reader_for(files)
+    try:
+        array, props = rw.read_images([str(f) for f in files])
+    except Exception as exc:
+        raise LeFusionInputError(f"{files[0]} could not be read ({exc}); check that all channel files of the "
+                                 f"case exist and share one grid.") from exc
+    if not np.isfinite(array).all():
+        raise LeFusionInputError(f"{files[0]} contains NaN or infinite voxels; replace them (e.g. by the "
+                                 f"background value) before using LeFusion.")
+    dtypes = [_stored_dtype(f) for f in files]
+    return ImageVolume(array=array.astype(np.float32, copy=False),
+                       spacing=tuple(float(s) for s in props["spacing"]),  # type: ignore[arg-type]
+                       properties=props, source_dtypes=dtypes, files=files)
+
+
+def read_label(file: Path | str) -> tuple[np.ndarray, dict]:
+    """Read a label map as integer ``(Z, Y, X)`` plus the reader's properties."""
+    file = Path(file)
+    vol = read_image([file])
+    arr = vol.array[0]
+    if not np.all(arr == np.round(arr)):
+        raise LeFusionInputError(f"label file {file} holds non-integer values; labels must be integers.")
+    return arr.astype(np.int16), vol.properties | {"source_dtype": vol.source_dtypes[0]}
+
+
+def read_mask(file: Path | str, like_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read a binary or label mask file as a ``(Z, Y, X)`` int16 array, checking its shape."""
+    arr, _ = read_label(file)
+    if like_shape is not None and tuple(arr.shape) != tuple(like_shape):
+        raise LeFusionInputError(f"mask {file} has shape {tuple(arr.shape)} (z, y, x) but the image has "
+                                 f"{tuple(like_shape)}; resample the mask onto the image grid.")
+    return arr
+
+
+def check_same_grid(image_props: dict, label_props: dict, image_file: Path, label_file: Path,
+                    shape_a: tuple[int, ...], shape_b: tuple[int, ...], tol: float = 1e-3) -> None:
+    """Raise if image and label differ in size, spacing, origin or direction beyond ``tol``."""
+    if tuple(shape_a) != tuple(shape_b):
+        raise LeFusionInputError(f"{label_file} has shape {tuple(shape_b)} but {image_file} has {tuple(shape_a)} "
+                                 f"(z, y, x); resample the label onto the image grid.")
+    a, b = image_props.get("sitk_stuff"), label_props.get("sitk_stuff")
+    if a is None or b is None:
+        return
+    for key in ("spacing", "origin", "direction"):
+        if not np.allclose(a[key], b[key], atol=tol, rtol=tol):
+            raise LeFusionInputError(f"{label_file} and {image_file} differ in {key} ({b[key]} vs {a[key]}); "
+                                     f"the label must share the image's geometry.")
+
+
+def _to_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
+    dt = np.dtype(dtype)
+    if np.issubdtype(dt, np.integer):
+        info = np.iinfo(dt)
+        return np.clip(np.rint(array), info.min, info.max).astype(dt)
+    return array.astype(dt)
+
+
+def write_volume(array_zyx: np.ndarray, out_file: Path | str, properties: dict, dtype: str) -> None:
+    """Write one ``(Z, Y, X)`` array with the geometry in ``properties['sitk_stuff']`` and pixel ``dtype``.
+
+    The file is written to a temporary sibling and renamed, so a crash leaves no half-written file.
+    """
+    import os
+
+    out_file = Path(out_file)
+    geo = properties.get("sitk_stuff")
+    if geo is None:
+        raise LeFusionInputError(f"cannot write {out_file}: the source was not read by a SimpleITK reader; "
+                                 f"use .nii.gz, .nrrd or .mha files.")
+    img = sitk.GetImageFromArray(_to_dtype(np.asarray(array_zyx), dtype))
+    img.SetSpacing(geo["spacing"])
+    img.SetOrigin(geo["origin"])
+    img.SetDirection(geo["direction"])
+    name = out_file.name
+    tmp = out_file.with_name(f".tmp-{os.getpid()}-{name}")
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+        os.replace(tmp, out_file)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _friendly_os_error(exc, out_file) from exc
+    except RuntimeError as exc:  # SimpleITK wraps I/O errors in RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise LeFusionInputError(f"could not write {out_file}: {str(exc).splitlines()[-1]}") from exc
+
+
+def write_image_channel(channel_zyx: np.ndarray, out_file: Path | str, reference: ImageVolume,
+                        channel_index: int) -> None:
+    """Write one image channel in the reference's geometry and stored pixel type."""
+    write_volume(channel_zyx, out_file, reference.properties, reference.source_dtypes[channel_index])
+
+
+def write_label(label_zyx: np.ndarray, out_file: Path | str, properties: dict) -> None:
+    """Write a label map with the reference geometry (uint8, or uint16 when labels exceed 255)."""
+    dtype = properties.get("source_dtype") or ("uint8" if int(np.max(label_zyx)) < 256 else "uint16")
+    if np.dtype(dtype).kind == "f":
+        dtype = "uint8" if int(np.max(label_zyx)) < 256 else "uint16"
+    write_volume(label_zyx, out_file, properties, dtype)
+
+
+def file_ending_of(path: Path | str) -> str:
+    """``.nii.gz`` aware file ending."""
+    name = Path(path).name
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix

@@ -1,0 +1,709 @@
+"""Procedural CT-like chest phantom written as an nnU-Net v2 raw dataset.
+
+This is the project's embedded default data: no downloads are possible, so the demo, the tests and the
+benchmarks all start from :func:`generate_chest_phantom`. Each case is a small thorax: air outside the
+body (-1000 HU), an elliptic body of soft tissue (~40 HU) under a thin fat layer (~-100 HU), ribs,
+sternum and a vertebra (+300 to +700 HU), a heart/mediastinum, a trachea, two jittered lung lobes of
+parenchyma (~-860 HU) with a branching vessel tree (~+40 HU, thinner toward the periphery), CT-like
+correlated noise, and in lesion cases 1-2 pulmonary nodules of three textures:
+
+* ``"ground_glass"``: about -600 HU (sd ~60), soft edge;
+* ``"solid"``: about +30 HU (sd ~40), sharp edge;
+* ``"part_solid"``: a solid core (about +20 HU, radius ~45 % of the nodule) in a ground-glass rim.
+
+Textures are assigned round-robin over all nodules of the dataset, so every dataset with at least three
+lesion cases holds all three. Labels: 0 background, 1 lung (parenchyma and its vessels), 2 nodule
+(whole nodule, core plus rim; overrides lung).
+
+Conventions: arrays are ``(Z, Y, X)``; spacings are ``(z, y, x)`` in millimetres (SimpleITK files store
+them reversed, ``(x, y, z)``); voxel index ``z`` grows toward the head, ``y`` toward the back and ``x``
+toward the patient's left (LPS, identity direction). All randomness comes from
+:class:`numpy.random.Generator` objects derived from ``PhantomConfig.seed``; no global RNG is touched,
+and the same config writes byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from lefusion_nnunet.errors import LeFusionInputError
+
+__all__ = [
+    "TEXTURES",
+    "MANIFEST_NAME",
+    "SUPPORTED_FILE_ENDINGS",
+    "PhantomConfig",
+    "PhantomNodule",
+    "PhantomCase",
+    "phantom_dataset_name",
+    "make_phantom_case",
+    "generate_chest_phantom",
+]
+
+#: Nodule texture names, in round-robin order.
+TEXTURES: tuple[str, ...] = ("ground_glass", "solid", "part_solid")
+#: File name of the per-case ground-truth manifest written next to ``dataset.json``.
+MANIFEST_NAME = "phantom_manifest.json"
+#: File endings the phantom can be written as (all read by nnU-Net's ``SimpleITKIO``).
+SUPPORTED_FILE_ENDINGS: tuple[str, ...] = (".nii.gz", ".nrrd", ".mha")
+#: Label values written to ``labelsTr``.
+LABELS: dict[str, int] = {"background": 0, "lung": 1, "nodule": 2}
+
+# --- tissue values (HU) -------------------------------------------------------------------------
+_AIR = -1000.0
+_FAT = -100.0
+_SOFT = 40.0
+_HEART = 38.0
+_LUNG = -860.0
+_VESSEL = 40.0
+_BONE_CANCELLOUS = 320.0
+_BONE_CORTEX = 700.0
+_RIB = 450.0
+_DISC = 80.0
+_CSF = 15.0
+_HU_MIN, _HU_MAX = -1024.0, 3071.0
+
+# nodule texture parameters: mean HU, texture sd HU, edge width mm (logistic scale)
+_GGO_MEAN, _GGO_SD, _GGO_EDGE = -600.0, 60.0, 0.6
+_SOLID_MEAN, _SOLID_SD, _SOLID_EDGE = 30.0, 40.0, 0.12
+_CORE_MEAN, _CORE_SD, _CORE_FRACTION = 20.0, 40.0, 0.5
+_RADIUS_JITTER = 0.15          # max relative perturbation of the nodule radius (low-frequency)
+_NODULE_MARGIN_MM = 1.5        # nodules keep this far from the lung border (beyond their max radius)
+_NODULE_GAP_MM = 2.5           # and this far from each other
+_SMOOTH_SIGMA_MM = 0.55        # partial-volume / reconstruction blur applied to anatomy and noise
+
+Spacing = tuple[float, float, float]
+
+
+# =================================================================================================
+# configuration
+# =================================================================================================
+@dataclass(frozen=True)
+class PhantomConfig:
+    """How to build a phantom dataset.
+
+    Attributes:
+        num_cases: total number of cases (lesion cases plus lesion-free cases).
+        lesion_free_fraction: fraction of cases without any nodule; with ``num_cases >= 2`` there is
+            always at least one case of each kind.
+        shape_zyx: volume size in voxels, ``(Z, Y, X)``; each at least 16.
+        spacing_zyx: voxel spacing in mm, ``(z, y, x)``.
+        nodules_per_case: inclusive ``(min, max)`` number of nodules in a lesion case.
+        nodule_diameter_mm: inclusive ``(min, max)`` nodule diameter in mm. A nodule that does not fit
+            inside the lung is shrunk until it does; the manifest holds the diameter actually used.
+        noise_hu: standard deviation of the CT noise in HU (after the slight smoothing).
+        file_ending: ``".nii.gz"``, ``".nrrd"`` or ``".mha"``.
+        seed: base seed; every case draws from its own generator derived from it.
+    """
+
+    num_cases: int = 16
+    lesion_free_fraction: float = 0.375
+    shape_zyx: tuple[int, int, int] = (48, 96, 96)
+    spacing_zyx: tuple[float, float, float] = (2.5, 0.9, 0.9)
+    nodules_per_case: tuple[int, int] = (1, 2)
+    nodule_diameter_mm: tuple[float, float] = (8.0, 20.0)
+    noise_hu: float = 15.0
+    file_ending: str = ".nii.gz"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def fail(what: str) -> None:
+            raise LeFusionInputError(f"invalid phantom configuration: {what}.")
+
+        # normalise JSON lists to tuples of plain Python numbers
+        try:
+            object.__setattr__(self, "num_cases", _as_int(self.num_cases))
+            object.__setattr__(self, "lesion_free_fraction", float(self.lesion_free_fraction))
+            object.__setattr__(self, "shape_zyx", tuple(_as_int(v) for v in self.shape_zyx))
+            object.__setattr__(self, "spacing_zyx", tuple(float(v) for v in self.spacing_zyx))
+            object.__setattr__(self, "nodules_per_case", tuple(_as_int(v) for v in self.nodules_per_case))
+            object.__setattr__(self, "nodule_diameter_mm", tuple(float(v) for v in self.nodule_diameter_mm))
+            object.__setattr__(self, "noise_hu", float(self.noise_hu))
+            object.__setattr__(self, "seed", _as_int(self.seed))
+        except (TypeError, ValueError) as exc:
+            fail(f"a field has the wrong type ({exc}); use integers for counts, shape and seed and numbers "
+                 f"for spacing, diameters and noise")
+        if self.num_cases < 1:
+            fail(f"num_cases is {self.num_cases} but must be at least 1")
+        if not 0.0 <= self.lesion_free_fraction <= 1.0:
+            fail(f"lesion_free_fraction is {self.lesion_free_fraction} but must lie in [0, 1]")
+        if len(self.shape_zyx) != 3 or min(self.shape_zyx) < 16:
+            fail(f"shape_zyx is {self.shape_zyx} but must be three sizes (z, y, x) of at least 16 voxels")
+        if len(self.spacing_zyx) != 3 or not all(math.isfinite(s) and s > 0 for s in self.spacing_zyx):
+            fail(f"spacing_zyx is {self.spacing_zyx} but must be three positive spacings (z, y, x) in mm")
+        npc = self.nodules_per_case
+        if len(npc) != 2 or not 1 <= npc[0] <= npc[1]:
+            fail(f"nodules_per_case is {self.nodules_per_case} but must be (min, max) with 1 <= min <= max")
+        d = self.nodule_diameter_mm
+        if len(d) != 2 or not (math.isfinite(d[0]) and math.isfinite(d[1]) and 0 < d[0] <= d[1]):
+            fail(f"nodule_diameter_mm is {d} but must be (min, max) in mm with 0 < min <= max")
+        if not (math.isfinite(self.noise_hu) and self.noise_hu >= 0):
+            fail(f"noise_hu is {self.noise_hu} but must be a non-negative number of HU")
+        if self.file_ending not in SUPPORTED_FILE_ENDINGS:
+            fail(f"file_ending is {self.file_ending!r} but must be one of {', '.join(SUPPORTED_FILE_ENDINGS)}")
+        if self.seed < 0:
+            fail(f"seed is {self.seed} but must be a non-negative integer")
+
+    @property
+    def num_lesion_free(self) -> int:
+        """Number of lesion-free cases (at least 1 of each kind when ``num_cases >= 2``)."""
+        n = int(round(self.lesion_free_fraction * self.num_cases))
+        if self.num_cases >= 2:
+            n = min(max(n, 1), self.num_cases - 1)
+        return min(max(n, 0), self.num_cases)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (plain ints, floats, strings and lists)."""
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PhantomConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`LeFusionInputError`."""
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise LeFusionInputError(f"unknown phantom configuration key(s) {unknown}; valid keys are "
+                                     f"{sorted(cls.__dataclass_fields__)}.")
+        return cls(**d)
+
+
+def _as_int(v: Any) -> int:
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        raise ValueError(f"{v!r} is not an integer")
+    return int(v)
+
+
+# =================================================================================================
+# in-memory cases
+# =================================================================================================
+@dataclass(frozen=True)
+class PhantomNodule:
+    """Ground truth of one nodule.
+
+    ``center_zyx`` is the voxel index (z, y, x); ``diameter_mm`` the nominal diameter (the boundary
+    is perturbed by up to +-15 %); ``mean_hu`` the mean of the final image over the nodule's label voxels.
+    """
+
+    center_zyx: tuple[int, int, int]
+    diameter_mm: float
+    texture: str
+    mean_hu: float
+    num_voxels: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"center_zyx": [int(c) for c in self.center_zyx], "diameter_mm": round(float(self.diameter_mm), 4),
+                "texture": self.texture, "mean_hu": round(float(self.mean_hu), 3),
+                "num_voxels": int(self.num_voxels)}
+
+
+@dataclass
+class PhantomCase:
+    """One generated case: ``image`` int16 HU ``(Z, Y, X)``, ``label`` uint8 ``(Z, Y, X)``."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing_zyx: Spacing
+    nodules: list[PhantomNodule] = field(default_factory=list)
+
+    @property
+    def has_lesion(self) -> bool:
+        return bool(self.nodules)
+
+
+@dataclass(frozen=True)
+class _CasePlan:
+    index: int
+    case_id: str
+    textures: tuple[str, ...]       # empty for lesion-free cases
+
+
+def _plan(config: PhantomConfig) -> list[_CasePlan]:
+    """Dataset-level draws: which cases are lesion-free, how many nodules, which textures."""
+    rng = np.random.default_rng([config.seed, 0x5EED])
+    n = config.num_cases
+    free = set(rng.permutation(n)[:config.num_lesion_free].tolist())
+    lo, hi = config.nodules_per_case
+    counts = rng.integers(lo, hi + 1, size=n)
+    plans, k = [], 0
+    for i in range(n):
+        textures: tuple[str, ...] = ()
+        if i not in free:
+            textures = tuple(TEXTURES[(k + j) % len(TEXTURES)] for j in range(int(counts[i])))
+            k += int(counts[i])
+        plans.append(_CasePlan(i, f"phantom_{i:03d}", textures))
+    return plans
+
+
+def make_phantom_case(config: PhantomConfig, case_index: int) -> PhantomCase:
+    """Build case ``case_index`` of the dataset described by ``config`` in memory.
+
+    Returns exactly the arrays :func:`generate_chest_phantom` writes for that case.
+    """
+    if not 0 <= case_index < config.num_cases:
+        raise LeFusionInputError(f"case index {case_index} is outside 0..{config.num_cases - 1}; the phantom "
+                                 f"has num_cases={config.num_cases}.")
+    plan = _plan(config)[case_index]
+    return _render_case(config, plan)
+
+
+# =================================================================================================
+# rendering
+# =================================================================================================
+def _smooth_field(rng: np.random.Generator, grids: tuple[np.ndarray, ...], wavelength_mm: float,
+                  n_waves: int = 6) -> np.ndarray:
+    """Low-frequency random field in about [-1, 1]: a sum of random plane waves over mm grids."""
+    out = np.zeros(np.broadcast_shapes(*(g.shape for g in grids)), dtype=np.float32)
+    for _ in range(n_waves):
+        v = rng.normal(size=len(grids))
+        v /= np.linalg.norm(v) + 1e-12
+        k = 2.0 * np.pi / (wavelength_mm * rng.uniform(0.7, 1.4))
+        phase = rng.uniform(0, 2 * np.pi)
+        arg = sum((k * vi) * g for vi, g in zip(v, grids)) + phase
+        out += np.cos(arg).astype(np.float32)
+    return out * np.float32(np.sqrt(2.0 / n_waves))
+
+
+def _sphere_perturbation(rng: np.random.Generator, unit: tuple[np.ndarray, ...], n_terms: int = 5) -> np.ndarray:
+    """Low-frequency function on the unit sphere in about [-1, 1] (irregular, lobulated boundary)."""
+    out = np.zeros(np.broadcast_shapes(*(u.shape for u in unit)), dtype=np.float32)
+    for _ in range(n_terms):
+        v = rng.normal(size=3)
+        v /= np.linalg.norm(v) + 1e-12
+        freq = rng.uniform(1.5, 4.0)
+        phase = rng.uniform(0, 2 * np.pi)
+        out += np.cos(freq * (v[0] * unit[0] + v[1] * unit[1] + v[2] * unit[2]) + phase).astype(np.float32)
+    return out / np.float32(n_terms) * np.float32(1.6)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+
+
+def _gaussian_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: tuple[float, ...]) -> np.ndarray:
+    """Correlated unit-variance noise (Gaussian-smoothed white noise, rescaled analytically)."""
+    white = rng.standard_normal(size=shape, dtype=np.float32)
+    sm = ndimage.gaussian_filter(white, sigma_vox, mode="reflect")
+    return sm / np.float32(_kernel_norm(sigma_vox))
+
+
+def _kernel_norm(sigma_vox: tuple[float, ...]) -> float:
+    """sqrt(sum of squared weights) of scipy's separable Gaussian kernel: std of smoothed unit noise."""
+    total = 1.0
+    for s in sigma_vox:
+        if s <= 0:
+            continue
+        delta = np.zeros(int(8 * s + 3) * 2 + 1)
+        delta[len(delta) // 2] = 1.0
+        w = ndimage.gaussian_filter1d(delta, s, mode="constant")
+        total *= float(np.sum(w * w))
+    return math.sqrt(total)
+
+
+def _vessel_tree(rng: np.random.Generator, lung: np.ndarray, spacing: Spacing, hilum_zyx: np.ndarray,
+                 n_terminals: int = 48, r_tip_mm: float = 0.55) -> tuple[np.ndarray, np.ndarray]:
+    """Centre-line points (voxel coordinates, float) and radii (mm) of a branching tree in ``lung``.
+
+    Terminals are random lung voxels; the tree recursively splits the terminal set along its widest
+    axis, so branches fan out from the hilum and thin toward the periphery (Murray: r^3 ~ #terminals).
+    """
+    idx = np.flatnonzero(lung)
+    if idx.size == 0:
+        return np.zeros((0, 3)), np.zeros(0)
+    pick = rng.choice(idx, size=min(n_terminals, idx.size), replace=False)
+    terminals = np.stack(np.unravel_index(pick, lung.shape), axis=1).astype(np.float64)
+    sp = np.asarray(spacing, dtype=np.float64)
+    pts: list[np.ndarray] = []
+    rads: list[np.ndarray] = []
+
+    def segment(a: np.ndarray, b: np.ndarray, radius: float) -> None:
+        # gently curved (quadratic Bezier) polyline sampled every ~0.4 voxel
+        length_mm = float(np.linalg.norm((b - a) * sp))
+        mid = (a + b) / 2.0 + rng.normal(scale=0.12 * length_mm, size=3) / sp
+        n = max(int(np.max(np.abs(b - a)) * 2.5) + 2, 2)
+        t = np.linspace(0.0, 1.0, n)[:, None]
+        pts.append((1 - t) ** 2 * a + 2 * (1 - t) * t * mid + t ** 2 * b)
+        rads.append(np.full(n, radius))
+
+    def grow(start: np.ndarray, term: np.ndarray) -> None:
+        radius = r_tip_mm * len(term) ** (1.0 / 3.0)
+        if len(term) == 1:
+            segment(start, term[0], radius)
+            return
+        spread = (term - term.mean(axis=0)) * sp
+        axis = int(np.argmax(spread.var(axis=0)))
+        order = np.argsort(spread[:, axis], kind="stable")
+        target = term.mean(axis=0)
+        branch = start + rng.uniform(0.3, 0.5) * (target - start)
+        segment(start, branch, radius)
+        half = len(term) // 2
+        grow(branch, term[order[:half]])
+        grow(branch, term[order[half:]])
+
+    grow(hilum_zyx.astype(np.float64), terminals)
+    return np.concatenate(pts), np.concatenate(rads)
+
+
+def _rasterize_vessels(points: np.ndarray, radii: np.ndarray, region: np.ndarray, spacing: Spacing) -> np.ndarray:
+    """Soft vessel occupancy in [0, 1] over ``region``'s bounding box (float32 full-size array)."""
+    out = np.zeros(region.shape, dtype=np.float32)
+    if points.size == 0:
+        return out
+    bb = ndimage.find_objects(region.astype(np.uint8))[0]
+    lo = np.array([s.start for s in bb])
+    hi = np.array([s.stop for s in bb])
+    box_shape = tuple(hi - lo)
+    vox = np.rint(points).astype(np.int64) - lo
+    keep = np.all((vox >= 0) & (vox < np.array(box_shape)), axis=1)
+    vox, r = vox[keep], radii[keep]
+    if vox.size == 0:
+        return out
+    # thickest branch wins where centre lines share a voxel
+    rad_img = np.zeros(box_shape, dtype=np.float32)
+    flat = np.ravel_multi_index(vox.T, box_shape)
+    np.maximum.at(rad_img.reshape(-1), flat, r.astype(np.float32))
+    dist, inds = ndimage.distance_transform_edt(rad_img == 0, sampling=spacing, return_indices=True)
+    nearest_r = rad_img[tuple(inds)]
+    occ = np.clip(nearest_r - dist + 0.5, 0.0, 1.0).astype(np.float32)
+    out[bb] = occ * region[bb]
+    return out
+
+
+def _render_case(config: PhantomConfig, plan: _CasePlan) -> PhantomCase:
+    rng = np.random.default_rng([config.seed, 1 + plan.index])
+    Z, Y, X = config.shape_zyx
+    sz, sy, sx = config.spacing_zyx
+    spacing = config.spacing_zyx
+    # mm coordinates relative to the volume centre, as broadcastable open grids
+    z = ((np.arange(Z, dtype=np.float32) - (Z - 1) / 2) * sz)[:, None, None]
+    y = ((np.arange(Y, dtype=np.float32) - (Y - 1) / 2) * sy)[None, :, None]
+    x = ((np.arange(X, dtype=np.float32) - (X - 1) / 2) * sx)[None, None, :]
+    fov_y, fov_x, ext_z = Y * sy, X * sx, Z * sz
+
+    # ---- body: elliptic cylinder with slight per-case jitter -----------------------------------
+    ax = 0.475 * fov_x * rng.uniform(0.95, 1.0)
+    ay = 0.40 * fov_y * rng.uniform(0.93, 1.0)
+    by = rng.uniform(-0.02, 0.02) * fov_y
+    rb = np.sqrt((x / ax) ** 2 + ((y - by) / ay) ** 2)                   # (1, Y, X) normalised radius
+    body2d = rb < 1.0
+    img = np.full((Z, Y, X), _AIR, dtype=np.float32)
+    img[:] = np.where(body2d, np.where(rb > 0.935, _FAT, _SOFT), _AIR)
+    body = np.broadcast_to(body2d, (Z, Y, X))
+    ang = np.arctan2(y - by, x)                                            # (1, Y, X)
+
+    # ---- ribs (oblique bands in a ring), sternum, vertebra ----------------------------------
+    period = max(0.16 * ext_z, 3.0 * sz)
+    rib_ring = (rb > 0.86) & (rb < 0.915)
+    rib_phase = rng.uniform(0, 2 * np.pi)
+    rib_wave = np.sin(2 * np.pi * (z + 0.22 * ext_z * np.abs(ang) / np.pi) / period + rib_phase)
+    front = (np.abs(x) < 0.12 * ax) & (y - by < 0)
+    ribs = rib_ring & (rib_wave > 0.45) & ~front
+    img[ribs] = _RIB
+    sternum = (((x / (0.10 * ax)) ** 2 + ((y - by + 0.86 * ay) / (0.06 * ay)) ** 2) < 1.0)
+    img[np.broadcast_to(sternum, img.shape)] = _RIB
+    vy = by + 0.60 * ay
+    rv = np.sqrt((x / (0.15 * ax)) ** 2 + ((y - vy) / (0.17 * ay)) ** 2)     # vertebral body
+    disc_period = max(0.2 * ext_z, 4.0 * sz)
+    disc = (np.mod(z + rng.uniform(0, disc_period), disc_period) < max(0.18 * disc_period, 0.6 * sz))
+    vert = np.broadcast_to(rv < 1.0, img.shape)
+    img[vert] = np.where(np.broadcast_to(rv > 0.78, img.shape), _BONE_CORTEX, _BONE_CANCELLOUS)[vert]
+    img[vert & np.broadcast_to(disc, img.shape)] = _DISC
+    canal = ((x / (0.055 * ax)) ** 2 + ((y - vy - 0.25 * ay) / (0.07 * ay)) ** 2) < 1.0
+    arch = (((x / (0.11 * ax)) ** 2 + ((y - vy - 0.25 * ay) / (0.12 * ay)) ** 2) < 1.0) & ~canal
+    spinous = (np.abs(x) < 0.025 * ax + 0.5 * sx) & (y > vy + 0.3 * ay) & (rb < 0.92)
+    img[np.broadcast_to(arch | spinous, img.shape) & body] = _BONE_CORTEX - 150.0
+    img[np.broadcast_to(canal, img.shape)] = _CSF
+
+    # ---- heart / mediastinum and trachea -------------------------------------------------------
+    hx, hy, hz = 0.12 * ax, by - 0.15 * ay, -0.22 * ext_z
+    heart = (((x - hx) / (0.33 * ax)) ** 2 + ((y - hy) / (0.43 * ay)) ** 2 + ((z - hz) / (0.38 * ext_z)) ** 2) < 1.0
+    mediastinum = ((x / (0.16 * ax)) ** 2 + ((y - by + 0.1 * ay) / (0.75 * ay)) ** 2) < 1.0
+    spine_zone = ((x / (0.22 * ax)) ** 2 + ((y - vy) / (0.42 * ay)) ** 2) < 1.0
+    trachea = (((x / (0.09 * ax)) ** 2 + ((y - by + 0.2 * ay) / (0.11 * ay)) ** 2) < 1.0) & (z > 0.05 * ext_z)
+
+    # ---- lungs: jittered ellipsoids with low-frequency shape noise, cut by the rib cage ----------
+    lung = np.zeros((Z, Y, X), dtype=bool)
+    hila: list[np.ndarray] = []
+    for side in (-1.0, 1.0):
+        cx = side * 0.50 * ax * rng.uniform(0.95, 1.05)
+        cy = by - 0.06 * ay + rng.uniform(-0.04, 0.04) * ay
+        cz = 0.06 * ext_z + rng.uniform(-0.03, 0.03) * ext_z
+        lx = 0.46 * ax * rng.uniform(0.92, 1.06)
+        ly = 0.78 * ay * rng.uniform(0.92, 1.06)
+        lz = 0.50 * ext_z * rng.uniform(0.9, 1.0)
+        f = ((x - cx) / lx) ** 2 + ((y - cy) / ly) ** 2 + ((z - cz) / lz) ** 2
+        f = f + 0.10 * _smooth_field(rng, (z, y, x), wavelength_mm=0.9 * min(lx, ly) * 2.0, n_waves=5)
+        one = (f < 1.0) & (rb < 0.845) & ~mediastinum & ~heart & ~spine_zone
+        lung |= one
+        hila.append(np.array([(cz - 0.1 * ext_z) / sz + (Z - 1) / 2, (cy + 0.05 * ay) / sy + (Y - 1) / 2,
+                              (side * 0.2 * ax) / sx + (X - 1) / 2]))
+    # keep only the largest piece of each side so the lungs are two clean components
+    lung = _largest_per_side(lung, X)
+
+    img[np.broadcast_to(heart, img.shape) & body] = _HEART
+    img[np.broadcast_to(trachea, img.shape)] = _AIR
+    gradient = 25.0 * np.clip((y - by) / ay, -1, 1)                   # gravity: posterior lung is denser
+    img = np.where(lung, np.float32(_LUNG) + gradient.astype(np.float32), img)
+
+    # ---- vessels --------------------------------------------------------------------------------
+    mid = X // 2
+    vessels = np.zeros_like(img)
+    for k, side_slice in enumerate((np.s_[:, :, :mid], np.s_[:, :, mid:])):
+        side_lung = np.zeros_like(lung)
+        side_lung[side_slice] = lung[side_slice]
+        if not side_lung.any():
+            continue
+        pts, rads = _vessel_tree(rng, side_lung, spacing, hila[k])
+        vessels = np.maximum(vessels, _rasterize_vessels(pts, rads, side_lung, spacing))
+    img = img + vessels * (np.float32(_VESSEL) - img) * lung
+
+    label = lung.astype(np.uint8)
+
+    # ---- nodules --------------------------------------------------------------------------------
+    nodule_masks: list[tuple[tuple[slice, ...], np.ndarray]] = []
+    placed: list[tuple[np.ndarray, float, str, float]] = []
+    if plan.textures:
+        edt = ndimage.distance_transform_edt(lung, sampling=spacing).astype(np.float32)
+        for texture in plan.textures:
+            d = float(rng.uniform(*config.nodule_diameter_mm))
+            center, d = _place_nodule(rng, edt, spacing, d, placed, plan.case_id)
+            placed.append((center, d, texture, 0.0))
+            sl, mask = _paint_nodule(rng, img, center, d, texture, spacing)
+            label[sl][mask] = LABELS["nodule"]
+            nodule_masks.append((sl, mask))
+
+    # ---- partial-volume blur + correlated CT noise in one Gaussian pass ---------------------------
+    sigma_vox = tuple(_SMOOTH_SIGMA_MM / s for s in spacing)
+    if config.noise_hu > 0:
+        white = rng.standard_normal(size=img.shape, dtype=np.float32)
+        img += white * np.float32(config.noise_hu / _kernel_norm(sigma_vox))
+    img = ndimage.gaussian_filter(img, sigma_vox, mode="nearest")
+    image = np.clip(np.rint(img), _HU_MIN, _HU_MAX).astype(np.int16)
+
+    nodules = []
+    for (center, d, texture, _), (sl, mask) in zip(placed, nodule_masks):
+        vals = image[sl][mask]
+        nodules.append(PhantomNodule(tuple(int(c) for c in center), float(d), texture,
+                                     float(vals.mean()) if vals.size else float("nan"), int(vals.size)))
+    return PhantomCase(plan.case_id, image, label, spacing, nodules)
+
+
+def _largest_per_side(lung: np.ndarray, X: int) -> np.ndarray:
+    out = np.zeros_like(lung)
+    mid = X // 2
+    for sl in (np.s_[:, :, :mid], np.s_[:, :, mid:]):
+        part = lung[sl]
+        lab, n = ndimage.label(part)
+        if n == 0:
+            continue
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        out[sl] = lab == int(np.argmax(sizes))
+    return out
+
+
+def _place_nodule(rng: np.random.Generator, edt: np.ndarray, spacing: Spacing, diameter: float,
+                  placed: list, case_id: str) -> tuple[np.ndarray, float]:
+    """Pick a centre voxel where the whole (perturbed) nodule fits inside the lung, away from others.
+
+    The diameter is shrunk by 10 % steps until a position exists.
+    """
+    sp = np.asarray(spacing)
+    min_d = 2.0 * max(spacing)
+    while True:
+        r_max = 0.5 * diameter * (1.0 + _RADIUS_JITTER)
+        cand = np.flatnonzero(edt.reshape(-1) >= r_max + _NODULE_MARGIN_MM)
+        if cand.size and placed:
+            coords = np.stack(np.unravel_index(cand, edt.shape), axis=1) * sp
+            ok = np.ones(cand.size, dtype=bool)
+            for c, d, _, _ in placed:
+                need = r_max + 0.5 * d * (1.0 + _RADIUS_JITTER) + _NODULE_GAP_MM
+                ok &= np.sum((coords - c * sp) ** 2, axis=1) >= need ** 2
+            cand = cand[ok]
+        if cand.size:
+            flat = int(cand[rng.integers(cand.size)])
+            return np.array(np.unravel_index(flat, edt.shape)), diameter
+        if diameter <= min_d:
+            raise LeFusionInputError(
+                f"no room for a {diameter:.1f} mm nodule inside the lungs of phantom case {case_id}; use a "
+                f"larger shape_zyx / spacing_zyx, smaller nodule_diameter_mm or fewer nodules_per_case.")
+        diameter = max(diameter * 0.9, min_d)
+
+
+def _paint_nodule(rng: np.random.Generator, img: np.ndarray, center: np.ndarray, diameter: float, texture: str,
+                  spacing: Spacing) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Blend one nodule into ``img`` (in place) in a local box; return (box slices, label mask in box)."""
+    sp = np.asarray(spacing, dtype=np.float32)
+    r = 0.5 * diameter
+    reach = r * (1.0 + _RADIUS_JITTER) + 4.0 * _GGO_EDGE + 1.0
+    lo = np.maximum(center - np.ceil(reach / sp).astype(int), 0)
+    hi = np.minimum(center + np.ceil(reach / sp).astype(int) + 1, img.shape)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    grids = [((np.arange(a, b, dtype=np.float32) - c) * s) for a, b, c, s in zip(lo, hi, center, sp)]
+    dz, dy, dx = grids[0][:, None, None], grids[1][None, :, None], grids[2][None, None, :]
+    dist = np.sqrt(dz * dz + dy * dy + dx * dx)
+    safe = np.maximum(dist, 1e-6)
+    unit = (dz / safe, dy / safe, dx / safe)
+    amp = _RADIUS_JITTER * (0.8 if texture == "solid" else 0.6)
+    radius = r * (1.0 + amp * np.clip(_sphere_perturbation(rng, unit), -1.0, 1.0))
+    signed = dist - radius                                              # < 0 inside, mm
+    mask = signed <= 0.0
+    box_shape = mask.shape
+    tex_sigma = tuple(0.8 / s for s in spacing)
+
+    if texture == "solid":
+        tex = _SOLID_MEAN + _SOLID_SD * _gaussian_noise(rng, box_shape, tex_sigma)
+        w = _sigmoid(-signed / _SOLID_EDGE)
+    elif texture == "ground_glass":
+        tex = _GGO_MEAN + _GGO_SD * _gaussian_noise(rng, box_shape, tex_sigma)
+        w = _sigmoid(-signed / _GGO_EDGE)
+    elif texture == "part_solid":
+        ggo = _GGO_MEAN + _GGO_SD * _gaussian_noise(rng, box_shape, tex_sigma)
+        core_tex = _CORE_MEAN + _CORE_SD * _gaussian_noise(rng, box_shape, tex_sigma)
+        # eccentric, irregular core; never thinner than ~0.8 of the coarsest voxel so it is visible
+        rc = min(max(_CORE_FRACTION * r, 0.8 * float(max(spacing))), 0.7 * r)
+        off = rng.normal(size=3)
+        off = off / (np.linalg.norm(off) + 1e-12) * rng.uniform(0.0, 0.15) * r
+        cdz, cdy, cdx = dz - off[0], dy - off[1], dx - off[2]
+        cdist = np.sqrt(cdz * cdz + cdy * cdy + cdx * cdx)
+        csafe = np.maximum(cdist, 1e-6)
+        cunit = (cdz / csafe, cdy / csafe, cdx / csafe)
+        crad = rc * (1.0 + 0.15 * np.clip(_sphere_perturbation(rng, cunit), -1.0, 1.0))
+        wc = _sigmoid(-(cdist - crad) / _SOLID_EDGE)
+        tex = ggo * (1.0 - wc) + core_tex * wc
+        w = _sigmoid(-signed / _GGO_EDGE)
+    else:  # pragma: no cover - plans only use TEXTURES
+        raise ValueError(texture)
+    box = img[sl]
+    img[sl] = box * (1.0 - w) + tex.astype(np.float32) * w
+    return sl, mask
+
+
+# =================================================================================================
+# writing the nnU-Net raw dataset
+# =================================================================================================
+def phantom_dataset_name(dataset_id: int = 501, name: str = "LeFusionChestPhantom") -> str:
+    """``Dataset{id:03d}_{name}``, validated for nnU-Net."""
+    if isinstance(dataset_id, bool) or not isinstance(dataset_id, (int, np.integer)) or not 1 <= dataset_id <= 999:
+        raise LeFusionInputError(f"dataset id {dataset_id!r} is invalid; nnU-Net dataset ids are integers "
+                                 f"between 1 and 999.")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name or ""):
+        raise LeFusionInputError(f"dataset name {name!r} is invalid; use letters, digits, '_' and '-' only "
+                                 f"(it becomes the folder name Dataset{int(dataset_id):03d}_<name>).")
+    return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+def _sitk_image(array: np.ndarray, spacing_zyx: Spacing, origin_xyz: tuple[float, float, float]) -> sitk.Image:
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))  # SimpleITK order: (x, y, z)
+    img.SetOrigin(origin_xyz)
+    img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    return img
+
+
+def _origin_xyz(config: PhantomConfig) -> tuple[float, float, float]:
+    """Non-zero origin (mm, SimpleITK x, y, z order): the volume centre sits near (0, 0, -150) mm."""
+    Z, Y, X = config.shape_zyx
+    sz, sy, sx = config.spacing_zyx
+    return (round(-0.5 * (X - 1) * sx, 4), round(-0.5 * (Y - 1) * sy, 4), round(-150.0 - 0.5 * (Z - 1) * sz, 4))
+
+
+def _write_dataset_json(folder: Path, config: PhantomConfig, name: str) -> None:
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    generate_dataset_json(
+        str(folder), channel_names={0: "CT"}, labels=dict(LABELS), num_training_cases=config.num_cases,
+        file_ending=config.file_ending, dataset_name=name,
+        description=("Procedural CT-like chest phantom (LeFusion nnU-Net plugin): lungs with vessels, ribs, "
+                     "spine, heart; nodules of textures ground_glass, solid and part_solid. Synthetic data, "
+                     "not for clinical use."),
+        license="Apache-2.0 (synthetic data generated by lefusion_nnunet)",
+        converted_by="lefusion_nnunet.data.phantom.generate_chest_phantom",
+        lefusion_phantom=config.to_dict())
+
+
+def generate_chest_phantom(raw_root: Path | str, dataset_id: int = 501, name: str = "LeFusionChestPhantom",
+                           config: PhantomConfig = PhantomConfig(), overwrite: bool = False) -> Path:
+    """Write the phantom as an nnU-Net v2 raw dataset and return its folder.
+
+    Writes ``<raw_root>/Dataset{id:03d}_{name}/`` with ``dataset.json``, ``imagesTr/phantom_XXX_0000<ending>``
+    (int16 HU, ``(Z, Y, X)`` arrays stored with spacing ``config.spacing_zyx`` in mm), ``labelsTr/phantom_XXX<ending>``
+    (uint8: 0 background, 1 lung, 2 nodule) and ``phantom_manifest.json`` (per case: nodule centres as
+    voxel ``(z, y, x)``, diameters in mm, textures, mean HU).
+
+    The dataset is built in a sibling ``.Dataset..partial-<pid>`` folder and moved into place with
+    ``os.replace``, so an interrupted run leaves no half-written dataset. An existing dataset folder is
+    only replaced with ``overwrite=True``; otherwise :class:`LeFusionInputError` is raised. Another
+    folder with the same dataset id but a different name is always refused (nnU-Net could not tell
+    them apart).
+    """
+    if not isinstance(config, PhantomConfig):
+        raise LeFusionInputError(f"config must be a PhantomConfig, got {type(config).__name__}.")
+    raw_root = Path(raw_root)
+    ds_name = phantom_dataset_name(dataset_id, name)
+    final = raw_root / ds_name
+    if final.exists() and not overwrite:
+        raise LeFusionInputError(f"dataset folder {final} already exists; pass overwrite=True (--overwrite) to "
+                                 f"replace it or choose another dataset id.")
+    if raw_root.is_dir():
+        clash = sorted(p.name for p in raw_root.glob(f"Dataset{int(dataset_id):03d}_*") if p.name != ds_name)
+        if clash:
+            raise LeFusionInputError(f"{raw_root} already holds {clash[0]} with dataset id {int(dataset_id):03d}; "
+                                     f"choose another dataset id so nnU-Net can tell the datasets apart.")
+    partial = raw_root / f".{ds_name}.partial-{os.getpid()}"
+    try:
+        if partial.exists():
+            shutil.rmtree(partial)
+        (partial / "imagesTr").mkdir(parents=True)
+        (partial / "labelsTr").mkdir()
+        origin = _origin_xyz(config)
+        ending = config.file_ending
+        cases = []
+        for plan in _plan(config):
+            case = _render_case(config, plan)
+            image_rel = f"imagesTr/{case.case_id}_0000{ending}"
+            label_rel = f"labelsTr/{case.case_id}{ending}"
+            sitk.WriteImage(_sitk_image(case.image, config.spacing_zyx, origin), str(partial / image_rel),
+                            useCompression=True)
+            sitk.WriteImage(_sitk_image(case.label, config.spacing_zyx, origin), str(partial / label_rel),
+                            useCompression=True)
+            cases.append({"case_id": case.case_id, "has_lesion": case.has_lesion, "image": image_rel,
+                          "label": label_rel, "nodules": [n.to_dict() for n in case.nodules]})
+        _write_dataset_json(partial, config, ds_name)
+        manifest = {"format_version": 1, "generator": "lefusion_nnunet.data.phantom", "dataset": ds_name,
+                    "config": config.to_dict(), "labels": dict(LABELS), "textures": list(TEXTURES),
+                    "axis_order": "center_zyx is a voxel index (z, y, x); diameter_mm in mm; mean_hu in HU",
+                    "cases": cases}
+        (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.exists():
+            if not overwrite:  # appeared while we were building
+                raise LeFusionInputError(f"dataset folder {final} appeared while the phantom was being written; "
+                                         f"pass overwrite=True to replace it.")
+            trash = raw_root / f".{ds_name}.old-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(partial, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise LeFusionInputError(f"could not write the phantom dataset {final}: {exc.strerror or exc}; choose "
+                                 f"a writable raw folder with free space.") from exc
+    except RuntimeError as exc:  # SimpleITK wraps I/O errors in RuntimeError
+        shutil.rmtree(partial, ignore_errors=True)
+        raise LeFusionInputError(f"could not write the phantom dataset {final}: "
+                                 f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}.") from exc
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final

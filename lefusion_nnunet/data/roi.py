@@ -1,0 +1,131 @@
+"""Lesion ROIs: cut around a point, resample to the model grid, and paste a generated ROI back.
+
+The model grid is axis-aligned with the image's voxel axes (the image's direction matrix rotates both
+alike, so it never enters the computation) and has ``geometry.size_zyx`` voxels of
+``geometry.spacing_zyx`` mm. Its voxel ``k`` (per axis) sits at native voxel coordinate
+``origin + k * model_spacing / native_spacing``. ``origin`` is rounded to whole native voxels so that,
+when the native and model spacings agree, extraction and paste-back are exact copies (no interpolation).
+
+Outside the image, extraction replicates the nearest edge voxel (documented padding); paste-back writes
+only voxels of the native paste mask, so every other voxel stays bit-identical.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from lefusion_nnunet.errors import LeFusionInputError
+
+Vec3 = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class RoiGeometry:
+    """The model grid: ``size_zyx`` voxels (user says 64 x 64 x 32 for x, y, z) of ``spacing_zyx`` mm."""
+
+    size_zyx: tuple[int, int, int] = (32, 64, 64)
+    spacing_zyx: Vec3 = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if len(self.size_zyx) != 3 or min(self.size_zyx) < 4:
+            raise LeFusionInputError(f"ROI size {self.size_zyx} must be three sizes of at least 4 voxels.")
+        if len(self.spacing_zyx) != 3 or min(self.spacing_zyx) <= 0:
+            raise LeFusionInputError(f"model spacing {self.spacing_zyx} must be three positive numbers (mm).")
+
+    @property
+    def extent_mm(self) -> np.ndarray:
+        """Physical ROI size per axis (z, y, x) in mm."""
+        return np.asarray(self.size_zyx) * np.asarray(self.spacing_zyx)
+
+    def to_dict(self) -> dict:
+        return {"size_zyx": list(self.size_zyx), "spacing_zyx": list(self.spacing_zyx)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoiGeometry":
+        return cls(tuple(int(v) for v in d["size_zyx"]), tuple(float(v) for v in d["spacing_zyx"]))
+
+
+def _scale(native_spacing: Vec3, geometry: RoiGeometry) -> np.ndarray:
+    """Native voxels per model voxel, per axis (z, y, x)."""
+    return np.asarray(geometry.spacing_zyx, np.float64) / np.asarray(native_spacing, np.float64)
+
+
+def roi_origin_for_center(center_zyx, native_spacing: Vec3, geometry: RoiGeometry) -> np.ndarray:
+    """Native voxel coordinate (z, y, x) of model voxel 0 for an ROI centred on ``center_zyx`` (voxels)."""
+    half = (np.asarray(geometry.size_zyx, np.float64) - 1) / 2 * _scale(native_spacing, geometry)
+    return np.round(np.asarray(center_zyx, np.float64) - half)
+
+
+def roi_center_for_mask(mask_zyx: np.ndarray) -> np.ndarray:
+    """Centre (z, y, x, voxels) of a mask's bounding box."""
+    idx = np.argwhere(mask_zyx)
+    if len(idx) == 0:
+        raise LeFusionInputError("the lesion mask is empty; it must contain at least one voxel.")
+    return (idx.min(0) + idx.max(0)) / 2.0
+
+
+def _axis_coords(origin_zyx, native_spacing: Vec3, geometry: RoiGeometry) -> list[np.ndarray]:
+    s = _scale(native_spacing, geometry)
+    return [origin_zyx[a] + np.arange(geometry.size_zyx[a]) * s[a] for a in range(3)]
+
+
+def _resample_separable(volume: np.ndarray, coords: list[np.ndarray], order: int) -> np.ndarray:
+    """Sample ``volume`` (Z, Y, X) on the outer product of per-axis coordinates (edge-replicate padding)."""
+    # Crop the needed native block first so interpolation touches only nearby voxels.
+    lo = [max(0, int(np.floor(c.min())) - 1) for c in coords]
+    hi = [min(volume.shape[a], int(np.ceil(c.max())) + 2) for a, c in enumerate(coords)]
+    lo = [min(lo[a], volume.shape[a] - 1) for a in range(3)]
+    hi = [max(hi[a], lo[a] + 1) for a in range(3)]
+    block = volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    local = [c - lo[a] for a, c in enumerate(coords)]
+    if all(np.allclose(c, np.round(c)) for c in local):
+        # Integer grid steps: exact copies with edge replication (no interpolation at all).
+        idx = [np.clip(np.round(c).astype(int), 0, block.shape[a] - 1) for a, c in enumerate(local)]
+        return block[np.ix_(*idx)].astype(np.float32)
+    grid = np.meshgrid(*local, indexing="ij")
+    return ndimage.map_coordinates(block.astype(np.float32), grid, order=order, mode="nearest").astype(np.float32)
+
+
+def extract_roi(image_zyx: np.ndarray, native_spacing: Vec3, origin_zyx, geometry: RoiGeometry,
+                order: int = 1) -> np.ndarray:
+    """Resample a native ``(Z, Y, X)`` image onto the model grid; returns float32 ``geometry.size_zyx``."""
+    return _resample_separable(image_zyx, _axis_coords(np.asarray(origin_zyx, np.float64), native_spacing,
+                                                       geometry), order)
+
+
+def extract_roi_mask(mask_zyx: np.ndarray, native_spacing: Vec3, origin_zyx, geometry: RoiGeometry) -> np.ndarray:
+    """Resample a native boolean mask onto the model grid (linear, >= 0.5), bool ``geometry.size_zyx``."""
+    return extract_roi(mask_zyx.astype(np.float32), native_spacing, origin_zyx, geometry, order=1) >= 0.5
+
+
+def mask_fits_roi(mask_zyx: np.ndarray, native_spacing: Vec3, origin_zyx, geometry: RoiGeometry,
+                  margin: float = 1.0) -> bool:
+    """Whether every voxel of the native mask maps inside the ROI with ``margin`` model voxels to spare."""
+    idx = np.argwhere(mask_zyx)
+    coords = (idx - np.asarray(origin_zyx)) / _scale(native_spacing, geometry)
+    return bool((coords.min(0) >= margin).all() and (coords.max(0) <= np.asarray(geometry.size_zyx) - 1 - margin).all())
+
+
+def paste_roi(image_zyx: np.ndarray, native_spacing: Vec3, origin_zyx, geometry: RoiGeometry,
+              roi_native_values: np.ndarray, paste_mask_zyx: np.ndarray) -> np.ndarray:
+    """Paste a generated ROI (model grid, native units) into a copy of ``image_zyx``.
+
+    Only voxels where ``paste_mask_zyx`` is true change; each gets the ROI value interpolated (linear) at
+    its position on the model grid. Every other voxel of the returned array is bit-identical to the input.
+    Raises :class:`LeFusionInputError` if part of the mask lies outside the ROI.
+    """
+    out = np.array(image_zyx, copy=True)
+    idx = np.argwhere(paste_mask_zyx)
+    if len(idx) == 0:
+        return out
+    coords = (idx - np.asarray(origin_zyx, np.float64)) / _scale(native_spacing, geometry)
+    size = np.asarray(geometry.size_zyx)
+    if (coords.min(0) < -0.5).any() or (coords.max(0) > size - 0.5).any():
+        raise LeFusionInputError(
+            f"the lesion mask extends beyond the model ROI ({geometry.extent_mm.round(1).tolist()} mm, z, y, x); "
+            f"use a smaller lesion or train with a larger --roi-size.")
+    values = ndimage.map_coordinates(np.asarray(roi_native_values, np.float32), coords.T, order=1, mode="nearest")
+    out[tuple(idx.T)] = values.astype(out.dtype)
+    return out

@@ -1,0 +1,266 @@
+"""`lefusion train`: lesion-focused diffusion training on the lesion ROIs of an nnU-Net raw dataset.
+
+Objective (LeFusion eq. for the lesion-focused loss): epsilon prediction with the squared error taken
+inside the lesion mask only and normalised by the lesion's voxel count, so a 5 mm nodule weighs as much
+as a 30 mm one. The network also sees the clean background (lesion zeroed) and the class masks, and the
+histogram condition is dropped with probability ``cond_dropout`` so classifier-free guidance has a
+trained null condition. EMA weights are kept and are what sampling uses.
+
+Run folder: ``checkpoint_latest.pt`` (every ``checkpoint_every`` steps), ``checkpoint_final.pt``,
+``training_log.jsonl`` and ``loss.png``. ``resume=True`` continues exactly where the last checkpoint
+stopped (model, EMA, optimiser, step and both RNG states are restored).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lefusion_nnunet.data.config import DataConfig
+from lefusion_nnunet.data.dataset import RawDataset
+from lefusion_nnunet.data.histogram import HIST_BINS, cluster_prototypes
+from lefusion_nnunet.data.intensity import IntensitySpace
+from lefusion_nnunet.data.lesions import LesionRoiSet, collect_lesion_rois
+from lefusion_nnunet.data.roi import RoiGeometry
+from lefusion_nnunet.diffusion import (DenoiserConfig, LesionDenoiser, NoiseSchedule, ScheduleConfig,
+                                       masked_epsilon_loss)
+from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
+from lefusion_nnunet.training.checkpoint import load_checkpoint_content, save_checkpoint
+from lefusion_nnunet.utils import resolve_device
+
+log = logging.getLogger(__name__)
+LATEST, FINAL, LOG, PLOT = "checkpoint_latest.pt", "checkpoint_final.pt", "training_log.jsonl", "loss.png"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of `lefusion train` (saved in the checkpoint)."""
+
+    preset: str = "small"
+    steps: int = 2000
+    batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    checkpoint_every: int = 250
+    log_every: int = 10
+    num_train_timesteps: int = 300
+    texture_clusters: int = 3
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "texture_clusters"):
+            if getattr(self, name) < 1:
+                raise LeFusionInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**d)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA warm-up: short runs are not dominated by the random initialisation."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+class _Augment:
+    """Random flips along y and x of an ROI batch (numpy generator)."""
+
+    @staticmethod
+    def __call__(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+        axes = [a for a in (-2, -1) if rng.random() < 0.5]
+        return [np.flip(a, axis=axes).copy() if axes else a for a in arrays]
+
+
+def _prototypes(rois: LesionRoiSet, k: int, seed: int) -> list[dict]:
+    out = []
+    for c in range(rois.class_masks.shape[1]):
+        present = rois.class_masks[:, c].reshape(len(rois), -1).any(1)
+        out.append(cluster_prototypes(rois.histograms[present, c * HIST_BINS:(c + 1) * HIST_BINS], k, seed).to_dict())
+    return out
+
+
+def _plot_loss(log_file: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    if len(losses) >= 5:
+        k = max(2, len(losses) // 20)
+        ax.plot(steps[k - 1:], np.convolve(losses, np.ones(k) / k, "valid"), lw=1.5, label=f"mean of {k}")
+    ax.set(xlabel="step", ylabel="masked epsilon MSE", yscale="log", title="LeFusion lesion model")
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_png)
+
+
+def build_data_config(dataset: RawDataset, lesion_labels: list[int], region_label: int | None, channel: int,
+                      roi: RoiGeometry, intensity: IntensitySpace) -> DataConfig:
+    names = {v: k for k, v in dataset.labels.items()}
+    if region_label is not None:
+        dataset.check_labels([region_label], "region label")
+    return DataConfig(dataset_name=dataset.name, lesion_labels=tuple(lesion_labels),
+                      label_names=tuple(names[v] for v in lesion_labels), region_label=region_label,
+                      channel=channel, modality=dataset.modality(channel), roi=roi, intensity=intensity,
+                      file_ending=dataset.file_ending)
+
+
+def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: Path, config: TrainConfig,
+                       roi: RoiGeometry, region_label: int | None = None, intensity: IntensitySpace | None = None,
+                       channel: int = 0, resume: bool = False, overwrite: bool = False,
+                       progress: bool = True) -> Path:
+    """Train a lesion model; returns the path of ``checkpoint_final.pt``.
+
+    Args:
+        dataset: the raw dataset (read only).
+        lesion_labels: lesion class label values (C = len; C > 1 = multi-channel decomposition).
+        out_dir: run folder.
+        roi: model grid (size and spacing, z, y, x).
+        intensity: None -> derived from the training lesions (CT window) or per-case percentiles (MR).
+        resume: continue from ``out_dir/checkpoint_latest.pt``.
+        overwrite: allow starting over in a folder that already holds checkpoints.
+    """
+    out_dir = Path(out_dir)
+    latest = out_dir / LATEST
+    if not resume and not overwrite and (latest.exists() or (out_dir / FINAL).exists()):
+        raise LeFusionInputError(f"{out_dir} already holds a training run; pass --resume to continue it, "
+                                 f"--overwrite to start over, or -o for another folder.")
+    if resume and not latest.exists():
+        raise LeFusionInputError(f"--resume was given but {latest} does not exist; run without --resume.")
+    device = resolve_device(config.device)
+    state = load_checkpoint_content(latest, expected_kind="lesion") if resume else None
+    if state is not None:
+        saved = DataConfig.from_dict(state["data_config"])
+        if saved.dataset_name != dataset.name or list(saved.lesion_labels) != list(lesion_labels):
+            raise LeFusionCheckpointError(f"{latest} was trained on {saved.dataset_name} labels "
+                                          f"{list(saved.lesion_labels)}, not {dataset.name} labels {lesion_labels}; "
+                                          f"use another -o folder.")
+        intensity, roi = saved.intensity, saved.roi
+        config = TrainConfig.from_dict({**state["train_config"], "steps": config.steps, "device": config.device})
+    rois = collect_lesion_rois(dataset, lesion_labels, roi, intensity, channel, progress=progress)
+    data_config = build_data_config(dataset, lesion_labels, region_label, channel, roi, rois.intensity)
+    model_config = DenoiserConfig.from_preset(config.preset, image_channels=len(lesion_labels), hist_bins=HIST_BINS)
+    schedule_config = ScheduleConfig(num_train_timesteps=config.num_train_timesteps)
+    prototypes = _prototypes(rois, config.texture_clusters, config.seed)
+
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the global RNG
+        torch.manual_seed(config.seed)
+        model = LesionDenoiser(model_config)
+    ema = LesionDenoiser(model_config)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator()
+    gen.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model_state"])
+        ema.load_state_dict(state["ema_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        gen.set_state(state["torch_rng"])
+        rng.bit_generator.state = json.loads(state["numpy_rng"])
+        step = int(state["step"])
+    model.to(device).train()
+    ema.to(device).eval().requires_grad_(False)
+    model.to(memory_format=torch.channels_last_3d)  # faster Conv3d (notably backward) on CPU and CUDA
+    schedule = NoiseSchedule(schedule_config).to(device)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_file = out_dir / LOG
+    if state is None:
+        log_file.write_text("")
+    else:  # drop log lines written after the checkpoint we resume from
+        keep = [ln for ln in log_file.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step] \
+            if log_file.exists() else []
+        log_file.write_text("".join(ln + "\n" for ln in keep))
+
+    images = torch.from_numpy(rois.images)                                  # (N, Z, Y, X) model space
+    masks = torch.from_numpy(rois.class_masks)                              # (N, C, Z, Y, X) bool
+    hists = torch.from_numpy(rois.histograms)                               # (N, C * 16)
+    summary = {"num_lesions": len(rois), "case_ids": sorted(set(rois.case_ids)), "skipped_lesions": rois.skipped,
+               "lesions_per_class": [int(rois.class_masks[:, c].reshape(len(rois), -1).any(1).sum())
+                                     for c in range(len(lesion_labels))]}
+
+    def checkpoint(path: Path) -> None:
+        save_checkpoint(path, {
+            "kind": "lesion", "model_config": model_config.to_dict(), "schedule_config": asdict(schedule_config),
+            "train_config": config.to_dict(), "data_config": data_config.to_dict(),
+            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "ema_state": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+            "optimizer_state": optimizer.state_dict(), "step": step, "torch_rng": gen.get_state(),
+            "numpy_rng": json.dumps(rng.bit_generator.state), "prototypes": prototypes,
+            "training_histograms": hists.clone(), "training_summary": summary,
+            "package_version": _version()})
+
+    augment = _Augment()
+    use_amp = device.startswith("cuda")
+    bar = tqdm(total=config.steps, initial=step, desc="training", disable=not progress, unit="step")
+    t_last, step_last = time.perf_counter(), step
+    with log_file.open("a") as logf:
+        while step < config.steps:
+            idx = rng.integers(0, len(images), size=config.batch_size)
+            x0_np, m_np = augment([images[idx].numpy(), masks[idx].numpy()], rng)
+            x0 = torch.from_numpy(x0_np).to(device)[:, None]                               # (B, 1, Z, Y, X)
+            class_masks = torch.from_numpy(m_np).to(device).float()                         # (B, C, Z, Y, X)
+            union = class_masks.amax(1, keepdim=True)
+            cond = hists[idx].to(device)
+            t = torch.randint(0, schedule.num_train_timesteps, (config.batch_size,), generator=gen).to(device)
+            noise = torch.randn((config.batch_size, len(lesion_labels), *x0.shape[2:]), generator=gen).to(device)
+            drop = (torch.rand(config.batch_size, generator=gen) < config.cond_dropout).to(device)
+            x_t = schedule.add_noise(x0.expand_as(noise), noise, t).contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                eps = model(x_t, t, x0 * (1 - union), class_masks, cond, drop_cond=drop)
+            loss = masked_epsilon_loss(eps.float(), noise, class_masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                d = ema_decay_at(step, config.ema_decay)
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - d)
+                for b_ema, b in zip(ema.buffers(), model.buffers()):
+                    b_ema.copy_(b)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % config.log_every == 0 or step == config.steps:
+                now = time.perf_counter()
+                logf.write(json.dumps({"step": step, "loss": round(loss.item(), 6),
+                                       "steps_per_s": round((step - step_last) / max(now - t_last, 1e-9), 4)}) + "\n")
+                logf.flush()
+                t_last, step_last = now, step
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                checkpoint(latest)
+    bar.close()
+    checkpoint(out_dir / FINAL)
+    _plot_loss(log_file, out_dir / PLOT)
+    return out_dir / FINAL
+
+
+def _version() -> str:
+    from lefusion_nnunet import __version__
+
+    return __version__

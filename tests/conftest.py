@@ -1,0 +1,42 @@
+"""Shared fixtures: small generated volumes and nnU-Net env vars in a temp folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def write_sitk(path: Path, array_zyx: np.ndarray, spacing_xyz=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+               direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> Path:
+    img = sitk.GetImageFromArray(array_zyx)
+    img.SetSpacing(spacing_xyz)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path), useCompression=True)
+    return path
+
+
+def rotation_direction(angle_deg: float = 30.0) -> tuple:
+    a = np.deg2rad(angle_deg)
+    r = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    return tuple(r.ravel())
+
+
+@pytest.fixture
+def nnunet_env(tmp_path, monkeypatch):
+    """nnUNet_raw / nnUNet_preprocessed / nnUNet_results in tmp_path (also for subprocesses)."""
+    paths = {}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        p = tmp_path / var
+        p.mkdir()
+        monkeypatch.setenv(var, str(p))
+        paths[var] = p
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    return paths
