@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 
 def enlarge(*args, **kwargs):
-    """Offline dataset enlargement; see :func:`lefusion_nnunet.enlarge.enlarge`."""
-    from lefusion_nnunet.enlarge import enlarge as _enlarge
+    """Offline dataset enlargement; see :func:`lefusion_nnunet.enlargement.enlarge`."""
+    from lefusion_nnunet.enlargement import enlarge as _enlarge
 
     return _enlarge(*args, **kwargs)

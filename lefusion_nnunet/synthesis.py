@@ -104,7 +104,7 @@ class LesionSynthesizer:
         self.device = resolve_device(device)
         self.checkpoint = (checkpoint if isinstance(checkpoint, LoadedCheckpoint)
                            else load_lesion_checkpoint(checkpoint, self.device))
-        self.checkpoint.model.to(self.device)
+        self.checkpoint.model.to(self.device, memory_format=torch.channels_last_3d)
         self.checkpoint.schedule = self.checkpoint.schedule.to(self.device)
         self.sampler_config = sampler or SamplerConfig(**self.checkpoint.sampler_defaults)
         self.sampler = make_sampler(self.sampler_config)
@@ -159,6 +159,7 @@ class LesionSynthesizer:
         use_amp = self.device.startswith("cuda")
 
         def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_t = x_t.contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 if w == 1.0:
                     out = model(x_t, t, context, class_masks, cond)

@@ -32,6 +32,8 @@ def register(sub) -> None:
                    help="CT intensity window in HU mapped to [-1, 1] (default: chosen from the training lesions)")
     p.add_argument("--channel", type=int, default=0, help="image channel to learn (default: 0)")
     p.add_argument("--texture-clusters", type=int, default=3, help="histogram prototypes per class (default: 3)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget: stop (and save) after this many minutes even if --steps is not reached")
     p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default: 250)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt in the run folder")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a run")
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_raw_dataset(args.dataset)
     dataset.check_labels(args.lesion_label, "--lesion-label")
     config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         checkpoint_every=args.checkpoint_every, texture_clusters=args.texture_clusters,
+                         checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes, texture_clusters=args.texture_clusters,
                          seed=args.seed, device=args.device)
     spacing = xyz_to_zyx(args.spacing, "--spacing") or median_spacing([c.images[0] for c in dataset.cases])
     roi = RoiGeometry(size_zyx=xyz_to_zyx(args.roi_size, "--roi-size", int), spacing_zyx=spacing)

@@ -137,7 +137,7 @@ def load_raw_dataset(name_or_path: str | int | Path, raw_root: Path | None = Non
     if "dataset" not in djson and not (folder / "imagesTr").is_dir():
         raise LeFusionInputError(f"{folder} has no imagesTr folder; it is not an nnU-Net raw dataset.")
     listing = get_filenames_of_train_images_and_targets(str(folder), json.loads(json.dumps(djson)))
-    cases = [CaseFiles(k, tuple(Path(p) for p in v["images"]), Path(v["label"]) if v.get("label") else None)
+    cases = [CaseFiles(str(k), tuple(Path(p) for p in v["images"]), Path(v["label"]) if v.get("label") else None)
              for k, v in sorted(listing.items())]
     if not cases:
         raise LeFusionInputError(f"{folder} lists no training cases; check imagesTr and the file ending "

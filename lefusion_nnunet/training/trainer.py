@@ -56,6 +56,7 @@ class TrainConfig:
     texture_clusters: int = 3
     seed: int = 0
     device: str = "auto"
+    max_minutes: float | None = None   # wall-clock budget: stop early (and save) once exceeded
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "texture_clusters"):
@@ -218,8 +219,9 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
     use_amp = device.startswith("cuda")
     bar = tqdm(total=config.steps, initial=step, desc="training", disable=not progress, unit="step")
     t_last, step_last = time.perf_counter(), step
+    deadline = time.perf_counter() + 60 * config.max_minutes if config.max_minutes else float("inf")
     with log_file.open("a") as logf:
-        while step < config.steps:
+        while step < config.steps and time.perf_counter() < deadline:
             idx = rng.integers(0, len(images), size=config.batch_size)
             x0_np, m_np = augment([images[idx].numpy(), masks[idx].numpy()], rng)
             x0 = torch.from_numpy(x0_np).to(device)[:, None]                               # (B, 1, Z, Y, X)
@@ -246,13 +248,14 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % config.log_every == 0 or step == config.steps:
+            last = step == config.steps or time.perf_counter() >= deadline
+            if step % config.log_every == 0 or last:
                 now = time.perf_counter()
                 logf.write(json.dumps({"step": step, "loss": round(loss.item(), 6),
                                        "steps_per_s": round((step - step_last) / max(now - t_last, 1e-9), 4)}) + "\n")
                 logf.flush()
                 t_last, step_last = now, step
-            if step % config.checkpoint_every == 0 or step == config.steps:
+            if step % config.checkpoint_every == 0 or last:
                 checkpoint(latest)
     bar.close()
     checkpoint(out_dir / FINAL)

@@ -1,0 +1,481 @@
+"""Lesion masks for synthesis: where the lesion goes (shape) and where it may go (placement).
+
+Two mask sources feed :mod:`lefusion_nnunet.variants`:
+
+* :func:`ellipsoid_mask` - a smooth random ellipsoid of a requested equivalent-sphere diameter, its surface
+  optionally roughened by low-frequency noise (``boundary`` 0 = smooth ... 1 = irregular);
+* :class:`MaskLibrary` - real lesion masks (each connected lesion of a labelled dataset, lesion classes kept
+  together) that are flipped, rotated and rescaled on demand.
+
+Placement (:func:`place_mask`) finds *every* offset at which *all* lesion voxels fall inside an allowed
+region (:func:`allowed_region`: a host-organ label, a user mask, or the body) by an FFT correlation of the
+forbidden region with the mask, and picks one at random.
+
+Conventions: arrays are ``(Z, Y, X)`` (class stacks ``(C, Z, Y, X)``), spacings ``(z, y, x)`` in mm,
+mask ``True`` = lesion. Randomness comes only from the ``numpy.random.Generator`` passed in.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.signal import fftconvolve
+
+from lefusion_nnunet.errors import LeFusionInputError
+
+log = logging.getLogger(__name__)
+
+Spacing = tuple[float, float, float]
+
+#: Longest / shortest semi-axis of a random ellipsoid is at most this.
+MAX_AXIS_RATIO = 1.6
+#: Relative radius perturbation (std of the noise field) at ``boundary=1``.
+BOUNDARY_AMPLITUDE = 0.3
+#: Real masks are rescaled by at most these factors (of their own equivalent diameter).
+REAL_SCALE_LIMITS = (0.7, 1.4)
+#: Largest small-angle in-plane rotation of real masks, degrees.
+REAL_MAX_ANGLE_DEG = 15.0
+# Correlation is computed in z-slabs of at most this many voxels (bounds FFT memory).
+_SLAB_VOXELS = 1 << 24
+_FLOAT32_MAX_VOXELS = 50_000
+
+
+# --------------------------------------------------------------------------------------------------------
+# sizes
+def equivalent_diameter_mm(volume_mm3: float) -> float:
+    """Diameter of the sphere of the same volume: ``d = (6 V / pi) ** (1/3)`` (``V`` in mm^3)."""
+    return float((6.0 * max(float(volume_mm3), 0.0) / math.pi) ** (1.0 / 3.0))
+
+
+def sphere_volume_mm3(diameter_mm: float) -> float:
+    """Volume of a sphere of diameter ``d`` mm: ``pi d^3 / 6``."""
+    return float(math.pi * float(diameter_mm) ** 3 / 6.0)
+
+
+def mask_volume_mm3(mask: np.ndarray, spacing_zyx: Spacing) -> float:
+    """Volume in mm^3 of the true voxels of a mask (any leading class axis is unioned)."""
+    m = np.asarray(mask, bool)
+    if m.ndim == 4:
+        m = m.any(0)
+    return float(m.sum() * float(np.prod(spacing_zyx)))
+
+
+def mask_equivalent_diameter(mask: np.ndarray, spacing_zyx: Spacing) -> float:
+    """Equivalent-sphere diameter (mm) of a ``(Z, Y, X)`` or ``(C, Z, Y, X)`` mask."""
+    return equivalent_diameter_mm(mask_volume_mm3(mask, spacing_zyx))
+
+
+def crop_to_mask(mask: np.ndarray) -> np.ndarray:
+    """Crop a ``(Z, Y, X)`` or ``(C, Z, Y, X)`` mask to the bounding box of its (union) true voxels."""
+    m = np.asarray(mask, bool)
+    union = m.any(0) if m.ndim == 4 else m
+    idx = np.argwhere(union)
+    if len(idx) == 0:
+        return m
+    lo, hi = idx.min(0), idx.max(0) + 1
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    return m[(slice(None),) + sl] if m.ndim == 4 else m[sl]
+
+
+def _check_spacing(spacing_zyx) -> np.ndarray:
+    sp = np.asarray(spacing_zyx, np.float64)
+    if sp.shape != (3,) or not np.all(sp > 0) or not np.all(np.isfinite(sp)):
+        raise LeFusionInputError(f"spacing {tuple(spacing_zyx)} must be three positive numbers (z, y, x mm).")
+    return sp
+
+
+# --------------------------------------------------------------------------------------------------------
+# ellipsoids
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random 3x3 rotation matrix (QR of a Gaussian matrix, sign-fixed, det +1)."""
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: np.ndarray) -> np.ndarray:
+    """Zero-mean, unit-std low-frequency noise field (Gaussian-filtered white noise), clipped to +-2.5."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=sigma_vox, mode="wrap")
+    std = field.std()
+    field = (field - field.mean()) / (std if std > 0 else 1.0)
+    return np.clip(field, -2.5, 2.5)
+
+
+def ellipsoid_mask(diameter_mm: float, spacing_zyx: Spacing, boundary: float = 0.3,
+                   rng: np.random.Generator | None = None, max_axis_ratio: float = MAX_AXIS_RATIO) -> np.ndarray:
+    """A random smooth ellipsoid lesion on a tight native-voxel grid.
+
+    The semi-axes are random (longest / shortest <= ``max_axis_ratio``), the orientation is uniformly
+    random, and the radius is perturbed by a low-frequency noise field of relative std
+    ``BOUNDARY_AMPLITUDE * boundary``. The iso-level is then chosen so that the voxel count matches the
+    volume of a sphere of ``diameter_mm`` (the largest connected component is kept and holes are filled,
+    so the final volume agrees within a few percent for lesions of more than a few voxels).
+
+    Args:
+        diameter_mm: equivalent-sphere diameter in mm (> 0).
+        spacing_zyx: native voxel spacing ``(z, y, x)`` in mm.
+        boundary: 0 = smooth ellipsoid ... 1 = irregular surface.
+        rng: randomness (axes, orientation, surface noise).
+
+    Returns:
+        bool ``(z, y, x)`` array cropped to the lesion's bounding box (at least one voxel true).
+    """
+    if rng is None:
+        raise ValueError("ellipsoid_mask needs a numpy Generator (rng=np.random.default_rng(seed))")
+    sp = _check_spacing(spacing_zyx)
+    if not (np.isfinite(diameter_mm) and diameter_mm > 0):
+        raise LeFusionInputError(f"lesion diameter {diameter_mm} mm must be a positive number.")
+    if not 0.0 <= boundary <= 1.0:
+        raise LeFusionInputError(f"--boundary {boundary} must lie between 0 (smooth) and 1 (irregular).")
+    r = diameter_mm / 2.0
+    m = rng.uniform(1.0, max_axis_ratio, size=3)
+    semi = r * m / np.cbrt(np.prod(m))                       # product of semi-axes = r^3 (sphere volume)
+    rot = random_rotation(rng)
+    amp = BOUNDARY_AMPLITUDE * float(boundary)
+    target = max(1, int(round(sphere_volume_mm3(diameter_mm) / float(np.prod(sp)))))
+    grow = 1.0
+    for _ in range(6):
+        half_mm = semi.max() * (1.0 + 2.5 * amp) * 1.1 * grow + sp
+        n_half = np.ceil(half_mm / sp).astype(int)
+        axes = [np.arange(-n, n + 1) * s for n, s in zip(n_half, sp)]
+        zz, yy, xx = np.meshgrid(*axes, indexing="ij")
+        pts = np.stack([zz, yy, xx], -1) @ rot                # coordinates in the ellipsoid frame
+        rho = np.sqrt(((pts / semi) ** 2).sum(-1))            # 1 on the unperturbed surface
+        if amp > 0:
+            noise = _smooth_noise(rng, rho.shape, np.maximum(0.35 * r / sp, 0.5))
+            level = rho / (1.0 + amp * noise)
+        else:
+            level = rho
+        flat = level.ravel()
+        k = min(target, flat.size) - 1
+        thresh = np.partition(flat, k)[k]
+        mask = level <= thresh
+        touches = mask[[0, -1]].any() or mask[:, [0, -1]].any() or mask[:, :, [0, -1]].any()
+        if not touches or target > flat.size:
+            break
+        grow *= 1.5
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if n > 1:
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+        mask = labels == (int(np.argmax(sizes)) + 1)
+    mask = ndimage.binary_fill_holes(mask)
+    return crop_to_mask(mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# real masks
+@dataclass
+class RealMask:
+    """One real lesion: bool ``masks`` (C, z, y, x) cropped to the lesion, with its native spacing."""
+
+    masks: np.ndarray
+    spacing: Spacing
+    case_id: str
+    component: int
+
+    @property
+    def equivalent_diameter(self) -> float:
+        return mask_equivalent_diameter(self.masks, self.spacing)
+
+
+class MaskLibrary:
+    """Real lesion masks of a labelled dataset, sampled with random flips, rotations and rescaling.
+
+    Each connected component of the union of ``lesion_labels`` (26-connectivity) of each labelled case is
+    one entry; its class masks stay together, in the order of ``lesion_labels``.
+    """
+
+    def __init__(self, entries: list[RealMask], lesion_labels: Sequence[int]):
+        if not entries:
+            raise LeFusionInputError("the mask library is empty; the dataset has no lesion of the given label(s), "
+                                     "use --mask-source ellipsoid.")
+        self.entries = entries
+        self.lesion_labels = tuple(int(v) for v in lesion_labels)
+        self._diameters = np.array([e.equivalent_diameter for e in entries])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @classmethod
+    def from_dataset(cls, dataset, lesion_labels: Sequence[int], progress: bool = False) -> "MaskLibrary":
+        """Collect every lesion of every labelled case of a :class:`~lefusion_nnunet.data.dataset.RawDataset`.
+
+        Only label files are read. Raises :class:`LeFusionInputError` when no case holds a lesion.
+        """
+        from tqdm.auto import tqdm
+
+        from lefusion_nnunet.data.io import read_label
+
+        lesion_labels = [int(v) for v in lesion_labels]
+        dataset.check_labels(lesion_labels, "lesion label")
+        entries: list[RealMask] = []
+        for case in tqdm(dataset.cases, desc="reading lesion masks", disable=not progress, leave=False):
+            if case.label is None:
+                continue
+            label, props = read_label(case.label)
+            union = np.isin(label, lesion_labels)
+            if not union.any():
+                continue
+            spacing = tuple(float(s) for s in props["spacing"])
+            components, n = ndimage.label(union, structure=np.ones((3, 3, 3)))
+            for comp, sl in enumerate(ndimage.find_objects(components), start=1):
+                if sl is None:
+                    continue
+                region = components[sl] == comp
+                stack = np.stack([region & (label[sl] == v) for v in lesion_labels])
+                entries.append(RealMask(stack, spacing, str(case.case_id), comp))  # type: ignore[arg-type]
+        if not entries:
+            raise LeFusionInputError(f"{dataset.folder} has no lesion with label(s) {lesion_labels} to take real "
+                                     f"masks from; use --mask-source ellipsoid.")
+        return cls(entries, lesion_labels)
+
+    def sample(self, rng: np.random.Generator, diameter_mm: float | None, target_spacing: Spacing,
+               scale_limits: tuple[float, float] = REAL_SCALE_LIMITS,
+               max_angle_deg: float = REAL_MAX_ANGLE_DEG) -> np.ndarray:
+        """A randomly transformed copy of one library lesion: bool ``(C, z, y, x)`` on ``target_spacing``.
+
+        See :meth:`sample_with_info`, which also says which lesion and transform were used.
+        """
+        return self.sample_with_info(rng, diameter_mm, target_spacing, scale_limits, max_angle_deg)[0]
+
+    def sample_with_info(self, rng: np.random.Generator, diameter_mm: float | None, target_spacing: Spacing,
+                         scale_limits: tuple[float, float] = REAL_SCALE_LIMITS,
+                         max_angle_deg: float = REAL_MAX_ANGLE_DEG) -> tuple[np.ndarray, dict]:
+        """A randomly transformed copy of one library lesion on a ``target_spacing`` grid.
+
+        An entry whose size can reach ``diameter_mm`` within ``scale_limits`` is preferred. The copy is
+        flipped along random axes, rotated by a random multiple of 90 degrees in-plane (y-x) and by a small
+        random in-plane angle (up to ``max_angle_deg``), and scaled towards ``diameter_mm`` (clipped to
+        ``scale_limits`` of its own equivalent diameter; ``None`` keeps its size).
+
+        Returns:
+            ``(masks, info)``: bool ``(C, z, y, x)`` tight mask, and a dict naming the source lesion and the
+            transform (JSON-safe, for provenance).
+        """
+        tsp = _check_spacing(target_spacing)
+        if diameter_mm is not None:
+            reachable = np.flatnonzero((diameter_mm >= self._diameters * scale_limits[0])
+                                       & (diameter_mm <= self._diameters * scale_limits[1]))
+            pool = reachable if len(reachable) else np.arange(len(self.entries))
+        else:
+            pool = np.arange(len(self.entries))
+        entry = self.entries[int(pool[rng.integers(len(pool))])]
+        arr = entry.masks
+        spacing = np.asarray(entry.spacing, np.float64)
+        flips = [bool(f) for f in rng.integers(0, 2, size=3)]
+        for axis, flip in enumerate(flips):
+            if flip:
+                arr = np.flip(arr, axis=axis + 1)
+        k90 = int(rng.integers(4))
+        arr = np.rot90(arr, k=k90, axes=(2, 3))
+        if k90 % 2:
+            spacing = spacing[[0, 2, 1]]
+        angle = float(rng.uniform(-max_angle_deg, max_angle_deg))
+        own = entry.equivalent_diameter
+        scale = 1.0 if diameter_mm is None else float(np.clip(diameter_mm / own, *scale_limits))
+        out = _resample_masks(np.ascontiguousarray(arr), spacing, tsp, scale, np.deg2rad(angle))
+        info = {"case": entry.case_id, "component": entry.component, "flips_zyx": flips, "rot90": k90,
+                "angle_deg": round(angle, 4), "scale": round(scale, 6), "own_diameter_mm": round(own, 4)}
+        return out, info
+
+
+def _resample_masks(masks: np.ndarray, src_spacing: np.ndarray, dst_spacing: np.ndarray, scale: float,
+                    angle_rad: float) -> np.ndarray:
+    """Resample class masks (C, z, y, x) with an in-plane rotation and isotropic scale onto a new spacing.
+
+    Classes stay disjoint: a voxel is lesion where the interpolated union is >= 0.5 and takes the class
+    with the largest interpolated value.
+    """
+    c, *shape = masks.shape
+    shape = np.asarray(shape)
+    center_src = (shape - 1) / 2.0 * src_spacing                       # mm
+    cos, sin = math.cos(angle_rad), math.sin(angle_rad)
+    rot = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])   # acts on (z, y, x) mm
+    # output extent: transformed corners of the source box
+    corners = np.array(list(itertools.product(*[(-0.5, n - 0.5) for n in shape])), np.float64)
+    corners = corners * src_spacing - center_src
+    out_mm = (corners @ rot.T) * scale
+    half = np.abs(out_mm).max(0) + dst_spacing
+    n_half = np.ceil(half / dst_spacing).astype(int)
+    axes = [np.arange(-n, n + 1) * s for n, s in zip(n_half, dst_spacing)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1)             # output mm, centred
+    src_mm = (grid / scale) @ rot                                       # inverse rotation (rot orthonormal)
+    src_vox = (src_mm + center_src) / src_spacing
+    coords = np.moveaxis(src_vox, -1, 0)
+    values = np.stack([ndimage.map_coordinates(masks[i].astype(np.float32), coords, order=1, mode="constant",
+                                               cval=0.0) for i in range(c)])
+    union_val = ndimage.map_coordinates(masks.any(0).astype(np.float32), coords, order=1, mode="constant", cval=0.0)
+    union = union_val >= 0.5
+    if not union.any():  # tiny lesion shrunk below one voxel: keep the voxel nearest the centre
+        union = union_val == union_val.max()
+    best = np.argmax(values, axis=0)
+    out = np.stack([union & (best == i) for i in range(c)])
+    return crop_to_mask(out)
+
+
+# --------------------------------------------------------------------------------------------------------
+# where a lesion may go
+def body_mask(image_zyx: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """The body (foreground): image above ``threshold`` (default: Otsu), largest component, holes filled
+    in 3D and slice by slice (axial), so enclosed air such as the lungs is part of the body."""
+    img = np.asarray(image_zyx, np.float32)
+    if threshold is None:
+        from skimage.filters import threshold_otsu
+
+        sub = img[::2, ::2, ::2]
+        threshold = float(threshold_otsu(sub)) if sub.max() > sub.min() else float(sub.min()) - 1.0
+    fg = img > threshold
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return fg
+    if n > 1:
+        sizes = ndimage.sum_labels(fg, labels, index=np.arange(1, n + 1))
+        fg = labels == (int(np.argmax(sizes)) + 1)
+    fg = ndimage.binary_fill_holes(fg)
+    for z in range(fg.shape[0]):
+        fg[z] = ndimage.binary_fill_holes(fg[z])
+    return fg
+
+
+def allowed_region(label: np.ndarray | None, region_label: int | None = None, region_mask: np.ndarray | None = None,
+                   image: np.ndarray | None = None, lesion_labels: Sequence[int] | None = None,
+                   margin_vox: int = 1, threshold: float | None = None) -> np.ndarray:
+    """Where new lesion voxels may lie, bool ``(Z, Y, X)``.
+
+    Priority: ``region_mask`` (any non-zero voxel) > ``region_label`` (``label == region_label``) > the body
+    of ``image`` (:func:`body_mask`) > the whole volume. Existing lesion voxels (``label`` values in
+    ``lesion_labels``; default: every non-zero label except ``region_label``) dilated by ``margin_vox``
+    voxels (26-neighbourhood) are excluded.
+    """
+    shape = None
+    for a in (label, region_mask, image):
+        if a is not None:
+            shape = np.shape(a)
+            break
+    if shape is None:
+        raise ValueError("allowed_region needs a label, a region mask or an image")
+    for name, a in (("region mask", region_mask), ("image", image)):
+        if a is not None and label is not None and np.shape(a) != np.shape(label):
+            raise LeFusionInputError(f"the {name} has shape {np.shape(a)} (z, y, x) but the label map has "
+                                     f"{np.shape(label)}; resample it onto the image grid.")
+    if region_mask is not None:
+        allowed = np.asarray(region_mask) != 0
+    elif region_label is not None:
+        if label is None:
+            raise ValueError("region_label needs a label map")
+        allowed = np.asarray(label) == int(region_label)
+    elif image is not None:
+        allowed = body_mask(image, threshold)
+    else:
+        allowed = np.ones(shape, bool)
+    if label is not None:
+        lab = np.asarray(label)
+        if lesion_labels is None:
+            lesions = (lab != 0) & (lab != (region_label if region_label is not None else 0))
+        else:
+            lesions = np.isin(lab, list(lesion_labels))
+        if lesions.any():
+            if margin_vox > 0:
+                lesions = ndimage.binary_dilation(lesions, structure=np.ones((3, 3, 3), bool), iterations=margin_vox)
+            allowed = allowed & ~lesions
+    return np.ascontiguousarray(allowed)
+
+
+def valid_offsets(mask_zyx: np.ndarray, allowed_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every placement of a mask that keeps all its voxels inside ``allowed``.
+
+    Offsets ``o`` (the volume index of mask voxel ``(0, 0, 0)``) are valid where the correlation of the
+    forbidden region with the mask is zero. Computed by FFT (``scipy.signal.fftconvolve`` in z-slabs;
+    float32 for masks of up to 50,000 voxels, else float64) over the bounding box of ``allowed`` only.
+
+    Returns:
+        ``(valid, base)``: bool array of valid offsets relative to ``base`` (volume index of ``valid[0, 0, 0]``),
+        or None when ``allowed`` is empty or smaller than the mask.
+    """
+    mask = np.asarray(mask_zyx, bool)
+    allowed = np.asarray(allowed_zyx, bool)
+    idx = np.argwhere(allowed)
+    if len(idx) == 0 or not mask.any():
+        return None
+    lo, hi = idx.min(0), idx.max(0) + 1
+    crop = allowed[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    ks = np.asarray(mask.shape)
+    out_shape = np.asarray(crop.shape) - ks + 1
+    if (out_shape < 1).any():
+        return None
+    forbidden = ~crop
+    if not forbidden.any():
+        return np.ones(tuple(out_shape), bool), lo
+    # float32 FFTs are ~3x faster; their error (~1e-7 x the mask's voxel count) stays far below the 0.5
+    # threshold for masks up to _FLOAT32_MAX_VOXELS; place_mask re-checks the chosen offset exactly anyway.
+    dtype = np.float32 if int(mask.sum()) <= _FLOAT32_MAX_VOXELS else np.float64
+    kernel = mask[::-1, ::-1, ::-1].astype(dtype)
+    plane = int(crop.shape[1] * crop.shape[2])
+    slab = max(1, _SLAB_VOXELS // max(plane, 1) - int(ks[0]) + 1)
+    valid = np.empty(tuple(out_shape), bool)
+    for z0 in range(0, int(out_shape[0]), slab):
+        z1 = min(int(out_shape[0]), z0 + slab)
+        block = forbidden[z0:z1 + int(ks[0]) - 1].astype(dtype)
+        counts = fftconvolve(block, kernel, mode="valid")
+        valid[z0:z1] = counts < 0.5
+    return valid, lo
+
+
+def place_mask(mask_czyx: np.ndarray, allowed_zyx: np.ndarray, rng: np.random.Generator,
+               center_zyx: Sequence[float] | None = None) -> np.ndarray | None:
+    """Choose where a lesion goes so that every lesion voxel lies inside ``allowed_zyx``.
+
+    ``allowed_zyx`` should already exclude existing lesions (see :func:`allowed_region`). All valid offsets
+    are found (:func:`valid_offsets`); one is drawn uniformly, or, with ``center_zyx`` (voxels), the one
+    whose mask bounding-box centre is nearest to it (ties drawn at random).
+
+    Args:
+        mask_czyx: bool ``(C, z, y, x)`` or ``(z, y, x)`` lesion mask (tight).
+        allowed_zyx: bool ``(Z, Y, X)``.
+
+    Returns:
+        int64 ``(3,)`` volume index of mask voxel ``(0, 0, 0)``, or None when no position is valid.
+    """
+    mask = np.asarray(mask_czyx, bool)
+    union = mask.any(0) if mask.ndim == 4 else mask
+    allowed = np.asarray(allowed_zyx, bool)
+    found = valid_offsets(union, allowed)
+    if found is None:
+        return None
+    valid, base = found
+    cand = np.flatnonzero(valid)
+    pts = np.argwhere(union)
+    while len(cand):
+        if center_zyx is None:
+            pick = int(rng.integers(len(cand)))
+        else:
+            rel = np.asarray(np.unravel_index(cand, valid.shape)).T + base + (np.asarray(union.shape) - 1) / 2.0
+            dist = ((rel - np.asarray(center_zyx, np.float64)) ** 2).sum(1)
+            near = np.flatnonzero(dist <= dist.min() + 1e-9)
+            pick = int(near[rng.integers(len(near))])
+        offset = np.asarray(np.unravel_index(cand[pick], valid.shape), np.int64) + base
+        if allowed[tuple((pts + offset).T)].all():   # exact check (guards FFT rounding)
+            return offset
+        cand = np.delete(cand, pick)
+    return None
+
+
+def paste_mask(mask_czyx: np.ndarray, offset_zyx: Sequence[int], shape_zyx: Sequence[int]) -> np.ndarray:
+    """Put a tight ``(C, z, y, x)`` mask at ``offset_zyx`` into an all-false ``(C, Z, Y, X)`` volume."""
+    mask = np.asarray(mask_czyx, bool)
+    if mask.ndim == 3:
+        mask = mask[None]
+    out = np.zeros((mask.shape[0], *[int(s) for s in shape_zyx]), bool)
+    o = [int(v) for v in offset_zyx]
+    sl = tuple(slice(o[a], o[a] + mask.shape[a + 1]) for a in range(3))
+    if any(s.start < 0 or s.stop > n for s, n in zip(sl, shape_zyx)):
+        raise ValueError(f"mask of shape {mask.shape[1:]} at offset {o} leaves the volume {tuple(shape_zyx)}")
+    out[(slice(None),) + sl] = mask
+    return out

@@ -1,0 +1,388 @@
+"""Synthetic variants: one path for ``lefusion enlarge``, the nnU-Net trainer's bank and the demo.
+
+For each source case and each ``k < per_case`` a lesion mask is made (random ellipsoid or a transformed real
+lesion, :mod:`lefusion_nnunet.data.masks`), placed so that every lesion voxel lies inside the allowed region
+(host label, user region mask, or the body) and off existing lesions, capped so it fits the model ROI, and
+inpainted by :class:`lefusion_nnunet.synthesis.LesionSynthesizer`. The synthetic case is the source case with
+only the model channel changed, and only inside the lesion; its label is the source label with the lesion
+class values written inside each class mask.
+
+Randomness of variant ``k`` of case ``c`` comes only from ``(settings.seed, c, k)`` (a numpy generator for
+size, shape, position and texture, and a torch generator for the sampler), so the same seed gives the same
+output whatever else is generated, and a resumed run forms the same chunks as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Collection, Iterator
+
+import numpy as np
+
+from lefusion_nnunet.data.dataset import RawDataset
+from lefusion_nnunet.data.histogram import parse_texture, parse_textures
+from lefusion_nnunet.data.io import ImageVolume, check_same_grid, read_image, read_label, read_mask
+from lefusion_nnunet.data.masks import (MaskLibrary, allowed_region, ellipsoid_mask, mask_equivalent_diameter,
+                                        mask_volume_mm3, paste_mask, place_mask)
+from lefusion_nnunet.data.roi import mask_fits_roi, roi_center_for_mask, roi_origin_for_center
+from lefusion_nnunet.errors import LeFusionInputError
+
+if TYPE_CHECKING:  # the real class; tests may pass an object with the same attributes
+    from lefusion_nnunet.synthesis import LesionSynthesizer
+
+log = logging.getLogger(__name__)
+
+MASK_SOURCES = ("real", "ellipsoid")
+SAMPLER_FIELDS = ("name", "num_steps", "eta", "jump_length", "jump_n_sample", "resample_steps")
+#: Synthetic case ids are ``f"{source}{SYNTHETIC_INFIX}{k:03d}"``.
+SYNTHETIC_INFIX = "_lefusion"
+# Shrink factor and number of tries when a lesion does not fit the model ROI.
+_ROI_SHRINK, _ROI_TRIES = 0.85, 8
+
+
+@dataclass(frozen=True)
+class VariantSettings:
+    """How synthetic variants are made (JSON round trip with :meth:`to_dict` / :meth:`from_dict`).
+
+    Attributes:
+        per_case: K variants per source case.
+        mask_source: ``"ellipsoid"`` (random smooth ellipsoids) or ``"real"`` (transformed real lesions).
+        size_mm: equivalent-sphere diameter range ``(min, max)`` in mm, drawn uniformly.
+        region_label: label the lesion must lie in; None -> the checkpoint's region label -> the body.
+        region_masks_dir: folder with one mask per case (``CASE + file_ending``); overrides ``region_label``.
+        textures: ``--texture`` items (``random``, ``cluster:K``, ``file:PATH``, or ``LABEL=SPEC`` per class).
+        boundary: 0 = smooth ... 1 = irregular ellipsoid surface.
+        sampler: SamplerConfig fields overriding the checkpoint's defaults (e.g. ``{"num_steps": 10}``).
+        guidance_scale: classifier-free guidance weight.
+        seed: the seed every random choice derives from.
+    """
+
+    per_case: int = 2
+    mask_source: str = "ellipsoid"
+    size_mm: tuple[float, float] = (8.0, 20.0)
+    region_label: int | None = None
+    region_masks_dir: str | None = None
+    textures: tuple[str, ...] = ("random",)
+    boundary: float = 0.3
+    sampler: dict = field(default_factory=dict)
+    guidance_scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.per_case, int) or self.per_case < 1:
+            raise LeFusionInputError(f"--per-case {self.per_case} must be a whole number of at least 1.")
+        if self.mask_source not in MASK_SOURCES:
+            raise LeFusionInputError(f"--mask-source {self.mask_source!r} is not one of {', '.join(MASK_SOURCES)}.")
+        lo, hi = (float(v) for v in self.size_mm) if len(self.size_mm) == 2 else (math.nan, math.nan)
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            raise LeFusionInputError(f"--size-mm {tuple(self.size_mm)} must be two diameters 0 < MIN <= MAX in mm.")
+        object.__setattr__(self, "size_mm", (lo, hi))
+        object.__setattr__(self, "textures", tuple(self.textures) or ("random",))
+        for item in self.textures:
+            label, sep, spec = item.partition("=")
+            parse_texture(spec if sep and label.strip().isdigit() else item)
+        if not 0.0 <= float(self.boundary) <= 1.0:
+            raise LeFusionInputError(f"--boundary {self.boundary} must lie between 0 (smooth) and 1 (irregular).")
+        unknown = sorted(set(self.sampler) - set(SAMPLER_FIELDS))
+        if unknown:
+            raise LeFusionInputError(f"unknown sampler setting(s) {unknown}; use {', '.join(SAMPLER_FIELDS)}.")
+        if float(self.guidance_scale) < 0:
+            raise LeFusionInputError(f"--guidance {self.guidance_scale} must be >= 0.")
+
+    def to_dict(self) -> dict:
+        return {"per_case": self.per_case, "mask_source": self.mask_source, "size_mm": list(self.size_mm),
+                "region_label": self.region_label, "region_masks_dir": self.region_masks_dir,
+                "textures": list(self.textures), "boundary": float(self.boundary), "sampler": dict(self.sampler),
+                "guidance_scale": float(self.guidance_scale), "seed": int(self.seed)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VariantSettings":
+        return cls(per_case=int(d.get("per_case", 2)), mask_source=d.get("mask_source", "ellipsoid"),
+                   size_mm=tuple(float(v) for v in d.get("size_mm", (8.0, 20.0))),  # type: ignore[arg-type]
+                   region_label=None if d.get("region_label") is None else int(d["region_label"]),
+                   region_masks_dir=d.get("region_masks_dir"), textures=tuple(d.get("textures", ("random",))),
+                   boundary=float(d.get("boundary", 0.3)), sampler=dict(d.get("sampler", {})),
+                   guidance_scale=float(d.get("guidance_scale", 1.0)), seed=int(d.get("seed", 0)))
+
+
+@dataclass
+class SyntheticCase:
+    """One synthetic training case.
+
+    Attributes:
+        case_id: ``f"{source_case}_lefusion{k:03d}"``.
+        source_case: the real case it was made from.
+        channels: native ``(Z, Y, X)`` arrays, one per image channel; only the model channel differs from the
+            source, and only inside the lesion.
+        label: ``(Z, Y, X)`` int16: source label with the lesion class values written inside the lesion.
+        provenance: JSON-safe record (source, mask source, centre, volume, texture, seeds, sampler, checkpoint).
+        reference: the source :class:`ImageVolume` (geometry and stored pixel types for writing).
+        label_properties: the source label's reader properties (geometry and stored pixel type).
+    """
+
+    case_id: str
+    source_case: str
+    channels: list[np.ndarray]
+    label: np.ndarray
+    provenance: dict
+    reference: ImageVolume | None = field(default=None, repr=False)
+    label_properties: dict | None = field(default=None, repr=False)
+
+
+class VariantWarning(str):
+    """A warning line (a ``str``) that also carries its case, variant, short reason and whether it skipped."""
+
+    case_id: str
+    variant: int | None
+    reason: str
+    skipped: bool
+
+    def __new__(cls, case_id: str, variant: int | None, reason: str, detail: str = "", skipped: bool = True):
+        who = case_id if variant is None else f"{case_id} variant {variant}"
+        obj = super().__new__(cls, f"{who} {'skipped' if skipped else 'warning'}: {reason}"
+                                   + (f" ({detail})" if detail else ""))
+        obj.case_id, obj.variant, obj.reason, obj.skipped = case_id, variant, reason, skipped
+        return obj
+
+
+def synthetic_case_id(source_case: str, k: int) -> str:
+    return f"{source_case}{SYNTHETIC_INFIX}{k:03d}"
+
+
+def variant_chunks(case_ids: list[str], per_case: int, batch_size: int) -> list[list[str]]:
+    """Fixed chunks of source cases: about one network batch of variants each (depends on nothing else)."""
+    size = max(1, int(batch_size) // max(1, int(per_case)))
+    return [list(case_ids[i:i + size]) for i in range(0, len(case_ids), size)]
+
+
+def voxel_to_world(index_zyx, properties: dict) -> list[float]:
+    """Physical position (x, y, z mm, as SimpleITK/ITK report it) of a (z, y, x) voxel index."""
+    geo = properties.get("sitk_stuff")
+    if geo is None:
+        return []
+    spacing = np.asarray(geo["spacing"], np.float64)
+    direction = np.asarray(geo["direction"], np.float64).reshape(3, 3)
+    idx_xyz = np.asarray(index_zyx, np.float64)[::-1]
+    return [round(float(v), 4) for v in np.asarray(geo["origin"], np.float64) + direction @ (idx_xyz * spacing)]
+
+
+@dataclass
+class _CaseContext:
+    case_id: str
+    volume: ImageVolume
+    label: np.ndarray
+    label_props: dict
+    allowed: np.ndarray
+    region: str
+
+
+@dataclass
+class _Plan:
+    case_id: str
+    k: int
+    masks: np.ndarray                       # (C, Z, Y, X) bool, native grid
+    texture: np.ndarray
+    texture_spec: list[str]
+    info: dict
+
+
+class _VariantMaker:
+    def __init__(self, synth: "LesionSynthesizer", dataset: RawDataset, settings: VariantSettings):
+        data = synth.checkpoint.data
+        self.synth, self.dataset, self.settings, self.data = synth, dataset, settings, data
+        self.lesion_labels = [int(v) for v in data.lesion_labels]
+        self.channel = int(data.channel)
+        self.specs = parse_textures(list(settings.textures), self.lesion_labels)
+        self.region_dir = Path(settings.region_masks_dir) if settings.region_masks_dir else None
+        if self.region_dir is not None and not self.region_dir.is_dir():
+            raise LeFusionInputError(f"region mask folder {self.region_dir} does not exist; pass a folder with "
+                                     f"one mask per case (CASE{dataset.file_ending}).")
+        self.region_label = settings.region_label if settings.region_label is not None else data.region_label
+        if self.region_dir is None and self.region_label is not None:
+            dataset.check_labels([int(self.region_label)], "region label")
+        self._library: MaskLibrary | None = None
+        sampler_cfg = getattr(synth, "sampler_config", None)
+        self.sampler_record = (dataclasses.asdict(sampler_cfg) if dataclasses.is_dataclass(sampler_cfg)
+                               else dict(settings.sampler))
+        self.guidance = float(getattr(synth, "guidance_scale", settings.guidance_scale))
+        self.checkpoint_sha = getattr(synth.checkpoint, "file_sha256", None)
+        self.device = getattr(synth, "device", "cpu")
+
+    @property
+    def library(self) -> MaskLibrary:
+        if self._library is None:
+            self._library = MaskLibrary.from_dataset(self.dataset, self.lesion_labels)
+        return self._library
+
+    # -- per case ------------------------------------------------------------------------------------------
+    def load_case(self, case_id: str) -> _CaseContext:
+        case = self.dataset.case(case_id)
+        vol = read_image(case.images)
+        if case.label is not None:
+            label, lprops = read_label(case.label)
+            check_same_grid(vol.properties, lprops, case.images[0], case.label, vol.shape_zyx, label.shape)
+        else:
+            label, lprops = np.zeros(vol.shape_zyx, np.int16), dict(vol.properties, source_dtype="uint8")
+        image = vol.channel(self.channel)
+        if self.region_dir is not None:
+            mfile = self.region_dir / f"{case_id}{self.dataset.file_ending}"
+            if not mfile.is_file():
+                raise LeFusionInputError(f"region mask {mfile} is missing; add one mask per case to "
+                                         f"{self.region_dir} or drop --region-masks.")
+            region = read_mask(mfile, like_shape=vol.shape_zyx)
+            allowed = allowed_region(label, region_mask=region, lesion_labels=self.lesion_labels)
+            what = f"mask {mfile.name}"
+        elif self.region_label is not None:
+            allowed = allowed_region(label, region_label=int(self.region_label), lesion_labels=self.lesion_labels)
+            what = f"label {int(self.region_label)}"
+        else:
+            allowed = allowed_region(label, image=image, lesion_labels=self.lesion_labels)
+            what = "body"
+        return _CaseContext(case_id, vol, label, lprops, allowed, what)
+
+    def _roi_fits(self, masks: np.ndarray, spacing, margin: float = 1.0) -> bool:
+        union = masks.any(0)
+        origin = roi_origin_for_center(roi_center_for_mask(union), spacing, self.data.roi)
+        return mask_fits_roi(union, spacing, origin, self.data.roi, margin=margin)
+
+    def _make_mask(self, rng: np.random.Generator, diameter: float, spacing) -> tuple[np.ndarray, dict]:
+        c = len(self.lesion_labels)
+        if self.settings.mask_source == "real":
+            return self.library.sample_with_info(rng, diameter, spacing)
+        shape = ellipsoid_mask(diameter, spacing, self.settings.boundary, rng)
+        cls = int(rng.integers(c)) if c > 1 else 0
+        masks = np.zeros((c, *shape.shape), bool)
+        masks[cls] = shape
+        return masks, {"class": self.lesion_labels[cls]}
+
+    def plan(self, ctx: _CaseContext, k: int) -> _Plan | VariantWarning:
+        from lefusion_nnunet.synthesis import seeded_rng
+
+        s = self.settings
+        if not ctx.allowed.any():
+            return VariantWarning(ctx.case_id, k, "the allowed region is empty", ctx.region)
+        rng = seeded_rng(s.seed, ctx.case_id, k)
+        spacing = ctx.volume.spacing
+        requested = float(rng.uniform(*s.size_mm))
+        diameter = requested
+        masks, info = self._make_mask(rng, diameter, spacing)
+        tries = 0
+        while not self._roi_fits(masks, spacing):
+            tries += 1
+            if tries > _ROI_TRIES:
+                return VariantWarning(ctx.case_id, k, "lesion does not fit the model ROI",
+                                      f"{requested:.1f} mm requested, "
+                                      f"ROI {self.data.roi.extent_mm.round(1).tolist()} mm")
+            diameter *= _ROI_SHRINK
+            masks, info = self._make_mask(rng, diameter, spacing)
+        offset = place_mask(masks, ctx.allowed, rng)
+        if offset is None:
+            return VariantWarning(ctx.case_id, k, "no valid position inside the allowed region",
+                                  f"{ctx.region}, {mask_equivalent_diameter(masks, spacing):.1f} mm lesion")
+        full = paste_mask(masks, offset, ctx.volume.shape_zyx)
+        if not self._roi_fits(full, spacing, margin=0.0):  # ROI origin rounding may shift by a voxel
+            return VariantWarning(ctx.case_id, k, "lesion does not fit the model ROI", "after placement")
+        texture = np.asarray(self.synth.texture_condition(list(self.specs), rng), np.float32)
+        union = full.any(0)
+        idx = np.argwhere(union)
+        center = (idx.min(0) + idx.max(0)) / 2.0
+        volume = mask_volume_mm3(full, spacing)
+        info = {
+            "mask_source": s.mask_source, "mask": info,
+            "requested_diameter_mm": round(requested, 4),
+            "diameter_mm": round(mask_equivalent_diameter(full, spacing), 4),
+            "diameter_capped": tries > 0, "volume_mm3": round(volume, 4), "voxels": int(union.sum()),
+            "class_voxels": {str(v): int(full[i].sum()) for i, v in enumerate(self.lesion_labels)},
+            "center_voxel_zyx": [float(v) for v in center],
+            "center_world_xyz_mm": voxel_to_world(center, ctx.volume.properties),
+            "offset_zyx": [int(v) for v in offset], "allowed_region": ctx.region}
+        return _Plan(ctx.case_id, k, full, texture, [str(sp) for sp in self.specs], info)
+
+    def capped_warning(self, p: _Plan) -> VariantWarning | None:
+        if not p.info["diameter_capped"]:
+            return None
+        return VariantWarning(p.case_id, p.k, "lesion diameter reduced to fit the model ROI",
+                              f"{p.info['requested_diameter_mm']:.1f} -> {p.info['diameter_mm']:.1f} mm", skipped=False)
+
+    # -- per chunk -----------------------------------------------------------------------------------------
+    def run_chunk(self, case_ids: list[str], progress: bool) -> tuple[list[SyntheticCase], list[str]]:
+        from lefusion_nnunet.synthesis import LesionRequest, seeded_generator, seeded_rng
+
+        contexts: dict[str, _CaseContext] = {}
+        plans: list[_Plan] = []
+        warnings: list[str] = []
+        for case_id in case_ids:
+            ctx = self.load_case(case_id)
+            contexts[case_id] = ctx
+            for k in range(self.settings.per_case):
+                p = self.plan(ctx, k)
+                if isinstance(p, VariantWarning):
+                    warnings.append(p)
+                    log.warning("%s", p)
+                    continue
+                w = self.capped_warning(p)
+                if w is not None:
+                    warnings.append(w)
+                    log.warning("%s", w)
+                plans.append(p)
+        if not plans:
+            return [], warnings
+        requests = [LesionRequest(image=contexts[p.case_id].volume.channel(self.channel),
+                                  spacing=contexts[p.case_id].volume.spacing, class_masks=p.masks, texture=p.texture)
+                    for p in plans]
+        generators = [seeded_generator(self.settings.seed, p.case_id, p.k, device=self.device) for p in plans]
+        outputs = self.synth.synthesize(requests, generator=generators,
+                                        rng=seeded_rng(self.settings.seed, "chunk", *case_ids), progress=progress)
+        cases = []
+        for p, out in zip(plans, outputs):
+            ctx = contexts[p.case_id]
+            union = p.masks.any(0)
+            source = ctx.volume.channel(self.channel)
+            new = np.where(union, np.asarray(out, np.float32), source)  # bit-identical outside the lesion
+            channels = [np.array(ctx.volume.channel(i)) if i != self.channel else new
+                        for i in range(ctx.volume.array.shape[0])]
+            label = ctx.label.copy()
+            for i, v in enumerate(self.lesion_labels):
+                label[p.masks[i]] = v
+            prov = {"case_id": synthetic_case_id(p.case_id, p.k), "source_case": p.case_id, "variant": p.k,
+                    **p.info, "texture": p.texture_spec, "texture_histogram": [float(v) for v in p.texture],
+                    "seed": int(self.settings.seed), "sampler": self.sampler_record,
+                    "guidance_scale": self.guidance, "channel": self.channel,
+                    "checkpoint_sha256": self.checkpoint_sha}
+            cases.append(SyntheticCase(synthetic_case_id(p.case_id, p.k), p.case_id, channels, label, prov,
+                                       reference=ctx.volume, label_properties=ctx.label_props))
+        return cases, warnings
+
+
+def make_variants(synth: "LesionSynthesizer", dataset: RawDataset, case_ids: list[str], settings: VariantSettings,
+                  progress: bool = False, *,
+                  done: Collection[str] = ()) -> Iterator[tuple[list[SyntheticCase], list[str]]]:
+    """Make ``settings.per_case`` synthetic variants of each case, chunk by chunk.
+
+    Yields, per fixed chunk of ``case_ids`` (:func:`variant_chunks`: chunks depend only on the full list,
+    ``settings.per_case`` and ``synth.batch_size``, so a resumed run forms the same batches), the synthetic
+    cases made and the warnings (``VariantWarning`` strings: skipped variants and reduced diameters). Cases in
+    ``done`` are not redone; a chunk with nothing left yields ``([], [])``.
+
+    Raises:
+        LeFusionInputError: unknown case, bad region label / mask folder, no real masks for ``"real"``.
+    """
+    case_ids = [str(c) for c in case_ids]  # plain str: seeds hash repr(case id), and numpy strings repr differently
+    if len(set(case_ids)) != len(case_ids):
+        raise LeFusionInputError("the list of source cases has duplicates; pass each case once.")
+    maker = _VariantMaker(synth, dataset, settings)
+    for c in case_ids:
+        dataset.case(c)  # fail early on unknown ids
+    if settings.mask_source == "real" and any(c not in done for c in case_ids):
+        maker.library  # noqa: B018 - build it (and fail) before any work
+    done = {str(c) for c in done}
+    for chunk in variant_chunks(case_ids, settings.per_case, synth.batch_size):
+        todo = [c for c in chunk if c not in done]
+        if not todo:
+            yield [], []
+            continue
+        yield maker.run_chunk(todo, progress)
+
