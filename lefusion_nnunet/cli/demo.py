@@ -3,8 +3,9 @@
 phantom -> short lesion-model training -> synthetic nodules in the lesion-free cases (enlarged dataset
 with montage) -> nnU-Net's integrity check on the enlarged dataset -> a 1-epoch
 ``nnUNetv2_train ... -tr LeFusionTrainer_1epoch`` run. Everything lives under one folder with its own
-nnUNet_raw / nnUNet_preprocessed / nnUNet_results; nnU-Net's install is not modified (the trainer is
-found through ``nnUNet_extTrainer``).
+nnUNet_raw / nnUNet_preprocessed / nnUNet_results. The trainer is registered with the guarded shim
+(`lefusion install-trainer`; the ``nnUNet_extTrainer`` route cannot work on CPU-only installs, where nnU-Net's
+own trainer scan imports torchvision first); a shim the demo installed is removed again at the end.
 """
 from __future__ import annotations
 
@@ -86,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.skip_nnunet:
         env = dict(os.environ)
-        from lefusion_nnunet.integration.install import trainer_dir
-
-        env["nnUNet_extTrainer"] = str(trainer_dir())
+        # a 1-epoch run of nnU-Net's 250 iterations takes too long on CPU: the demo shortens the epoch
+        env.setdefault("LEFUSION_ITERATIONS_PER_EPOCH", "10")
+        env.setdefault("LEFUSION_VAL_ITERATIONS_PER_EPOCH", "5")
         t = _step("4/5 nnU-Net integrity check and preprocessing")
         _nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(ENLARGED_ID), "--verify_dataset_integrity",
                  "-c", "3d_fullres", "-np", "1"], env)
@@ -97,8 +98,16 @@ def run(args: argparse.Namespace) -> int:
         t = _step("5/5 nnUNetv2_train -tr LeFusionTrainer_1epoch")
         _checked(lefusion(["trainer-config", "-d", str(SOURCE_ID), "--per-case", "1", "--region-label", "1",
                            "--size-mm", "8", "16"]))
-        _nnunet(["nnUNetv2_train", str(SOURCE_ID), "3d_fullres", "0", "-tr", "LeFusionTrainer_1epoch",
-                 "-device", "cuda" if args.device == "cuda" else "cpu"], env)
+        from lefusion_nnunet.integration.install import install_trainer_shim, shim_installed, uninstall_trainer_shim
+
+        had_shim = shim_installed()
+        install_trainer_shim()
+        try:
+            _nnunet(["nnUNetv2_train", str(SOURCE_ID), "3d_fullres", "0", "-tr", "LeFusionTrainer_1epoch",
+                     "-device", "cuda" if args.device == "cuda" else "cpu"], env)
+        finally:
+            if not had_shim:
+                uninstall_trainer_shim()
         timings["nnunet_train"] = time.perf_counter() - t
 
     results = env_paths["nnUNet_results"]

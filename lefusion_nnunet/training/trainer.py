@@ -117,6 +117,46 @@ def _plot_loss(log_file: Path, out_png: Path) -> None:
     tmp.replace(out_png)
 
 
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in a `torchrun` job (world_size 1 when run plainly)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[DistributedContext, str]:
+    """Join the process group when launched by `torchrun` (gloo on CPU, nccl on CUDA); returns the device."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistributedContext(), device
+    ctx = DistributedContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.startswith("cuda"):
+        device = f"cuda:{ctx.local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return ctx, device
+
+
+def step_generators(seed: int, rank: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Randomness of one training step, derived from (seed, rank, step) only: resuming (also under DDP)
+    replays exactly the batches, timesteps and noise an uninterrupted run would have drawn."""
+    rng = np.random.default_rng([seed, rank, step])
+    gen = torch.Generator()
+    gen.manual_seed(int(rng.integers(0, 2**62)))
+    return rng, gen
+
+
 def build_data_config(dataset: RawDataset, lesion_labels: list[int], region_label: int | None, channel: int,
                       roi: RoiGeometry, intensity: IntensitySpace) -> DataConfig:
     names = {v: k for k, v in dataset.labels.items()}
@@ -150,7 +190,8 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
                                  f"--overwrite to start over, or -o for another folder.")
     if resume and not latest.exists():
         raise LeFusionInputError(f"--resume was given but {latest} does not exist; run without --resume.")
-    device = resolve_device(config.device)
+    dist_ctx, device = init_distributed(resolve_device(config.device))
+    progress = progress and dist_ctx.is_main
     state = load_checkpoint_content(latest, expected_kind="lesion") if resume else None
     if state is not None:
         saved = DataConfig.from_dict(state["data_config"])
@@ -172,25 +213,25 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
     ema = LesionDenoiser(model_config)
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    gen = torch.Generator()
-    gen.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     step = 0
     if state is not None:
         model.load_state_dict(state["model_state"])
         ema.load_state_dict(state["ema_state"])
         optimizer.load_state_dict(state["optimizer_state"])
-        gen.set_state(state["torch_rng"])
-        rng.bit_generator.state = json.loads(state["numpy_rng"])
         step = int(state["step"])
     model.to(device).train()
     ema.to(device).eval().requires_grad_(False)
     model.to(memory_format=torch.channels_last_3d)  # faster Conv3d (notably backward) on CPU and CUDA
     schedule = NoiseSchedule(schedule_config).to(device)
+    net = model
+    if dist_ctx.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = out_dir / LOG
-    if state is None:
+    if not dist_ctx.is_main:
+        pass
+    elif state is None:
         log_file.write_text("")
     else:  # drop log lines written after the checkpoint we resume from
         keep = [ln for ln in log_file.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step] \
@@ -210,8 +251,7 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
             "train_config": config.to_dict(), "data_config": data_config.to_dict(),
             "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "ema_state": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
-            "optimizer_state": optimizer.state_dict(), "step": step, "torch_rng": gen.get_state(),
-            "numpy_rng": json.dumps(rng.bit_generator.state), "prototypes": prototypes,
+            "optimizer_state": optimizer.state_dict(), "step": step, "prototypes": prototypes,
             "training_histograms": hists.clone(), "training_summary": summary,
             "package_version": _version()})
 
@@ -220,8 +260,11 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
     bar = tqdm(total=config.steps, initial=step, desc="training", disable=not progress, unit="step")
     t_last, step_last = time.perf_counter(), step
     deadline = time.perf_counter() + 60 * config.max_minutes if config.max_minutes else float("inf")
-    with log_file.open("a") as logf:
-        while step < config.steps and time.perf_counter() < deadline:
+    summary["world_size"] = dist_ctx.world_size
+    logf = log_file.open("a") if dist_ctx.is_main else None
+    try:
+        while step < config.steps and not _stop(deadline, dist_ctx):
+            rng, gen = step_generators(config.seed, dist_ctx.rank, step)
             idx = rng.integers(0, len(images), size=config.batch_size)
             x0_np, m_np = augment([images[idx].numpy(), masks[idx].numpy()], rng)
             x0 = torch.from_numpy(x0_np).to(device)[:, None]                               # (B, 1, Z, Y, X)
@@ -233,7 +276,7 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
             drop = (torch.rand(config.batch_size, generator=gen) < config.cond_dropout).to(device)
             x_t = schedule.add_noise(x0.expand_as(noise), noise, t).contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                eps = model(x_t, t, x0 * (1 - union), class_masks, cond, drop_cond=drop)
+                eps = net(x_t, t, x0 * (1 - union), class_masks, cond, drop_cond=drop)
             loss = masked_epsilon_loss(eps.float(), noise, class_masks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -248,19 +291,40 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            last = step == config.steps or time.perf_counter() >= deadline
-            if step % config.log_every == 0 or last:
+            last = step == config.steps or _stop(deadline, dist_ctx)
+            if logf is not None and (step % config.log_every == 0 or last):
                 now = time.perf_counter()
                 logf.write(json.dumps({"step": step, "loss": round(loss.item(), 6),
                                        "steps_per_s": round((step - step_last) / max(now - t_last, 1e-9), 4)}) + "\n")
                 logf.flush()
                 t_last, step_last = now, step
-            if step % config.checkpoint_every == 0 or last:
+            if dist_ctx.is_main and (step % config.checkpoint_every == 0 or last):
                 checkpoint(latest)
+    finally:
+        if logf is not None:
+            logf.close()
     bar.close()
-    checkpoint(out_dir / FINAL)
-    _plot_loss(log_file, out_dir / PLOT)
+    if dist_ctx.is_main:
+        checkpoint(out_dir / FINAL)
+        _plot_loss(log_file, out_dir / PLOT)
+    if dist_ctx.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return out_dir / FINAL
+
+
+def _stop(deadline: float, ctx: DistributedContext) -> bool:
+    """Whether the time budget is spent; under DDP rank 0 decides for all so every rank stops at one step."""
+    over = time.perf_counter() >= deadline
+    if ctx.world_size == 1 or deadline == float("inf"):
+        return over
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(over)])
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _version() -> str:

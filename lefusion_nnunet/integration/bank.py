@@ -1,0 +1,485 @@
+"""The synthetic bank of ``LeFusionTrainer``: variants of lesion-free training cases, preprocessed by nnU-Net.
+
+At training start the trainer makes K synthetic variants of every lesion-free case of the current fold's
+*training* split (:func:`lefusion_nnunet.variants.make_variants`, the same path as ``lefusion enlarge``),
+writes them as temporary raw files in the source's geometry and pixel type, runs nnU-Net's own preprocessor
+of the run's plans/configuration on them (``DefaultPreprocessor.run_case``) and saves them with the
+dataset class's ``save_case`` (b2nd + pkl in nnU-Net 2.8), i.e. exactly as ``nnUNetv2_preprocess`` would have
+stored them. The bank lives in::
+
+    $nnUNet_preprocessed/<Dataset>/lefusion_bank/<configuration>_fold<F>_<hash>/
+        <source>_lefusion000.b2nd, <source>_lefusion000_seg.b2nd, <source>_lefusion000.pkl, ...
+        bank.json        manifest: key inputs, variant -> source case, provenance, warnings
+
+``<hash>`` covers everything the bank's content depends on (:class:`BankSpec`): the checkpoint file's
+SHA-256, the variant settings, the fold, the plans + configuration + dataset.json, the lesion labels and the
+sorted list of source cases. The next run (or ``--c``) with the same inputs reuses the bank; any change
+makes a new one. The probability P, the device and the synthesizer batch size do not enter the key (they
+change how often variants are used, or the numerics only). Old banks are never used again and may be deleted.
+
+A build happens in a ``.<key>.partial`` sibling folder renamed into place when complete (an interrupted build
+leaves nothing that is ever read), under a file lock (two runs never build the same bank at once). With
+DDP only rank 0 builds; the other ranks wait for the manifest.
+
+:class:`SyntheticSwapDataset` wraps nnU-Net's training dataset so that ``load_case(source)`` returns one of
+the source's variants with probability P, and records each load in a draws log.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.utils import atomic_directory, atomic_write_json
+
+BANK_FOLDER = "lefusion_bank"
+MANIFEST_NAME = "bank.json"
+FORMAT = "lefusion-bank"
+FORMAT_VERSION = 1
+DRAWS_LOG_NAME = "lefusion_draws.log"
+
+
+# ----------------------------------------------------------------------------------------------- key
+
+def canonical_sha256(obj: Any) -> str:
+    """SHA-256 of ``obj`` as canonical JSON (sorted keys, no whitespace)."""
+    return hashlib.sha256(json.dumps(_json_safe(obj), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _json_safe(obj: Any) -> Any:
+    """Plain JSON types from numpy scalars/arrays, tuples, paths and dataclass-like configs."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return _json_safe(obj.to_dict())
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """Everything a bank's content depends on; its hash names the bank folder."""
+
+    checkpoint_sha256: str
+    variants: dict
+    fold: str
+    configuration: str
+    plans_name: str
+    data_identifier: str
+    plans_sha256: str
+    lesion_labels: tuple[int, ...]
+    case_ids: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "checkpoint_sha256": self.checkpoint_sha256,
+                "variants": _json_safe(self.variants), "fold": self.fold, "configuration": self.configuration,
+                "plans_name": self.plans_name, "data_identifier": self.data_identifier,
+                "plans_sha256": self.plans_sha256, "lesion_labels": list(self.lesion_labels),
+                "case_ids": sorted(self.case_ids)}
+
+    @property
+    def key(self) -> str:
+        safe_cfg = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in self.configuration)
+        return f"{safe_cfg}_fold{self.fold}_{canonical_sha256(self.to_dict())[:16]}"
+
+
+def plans_sha256(plans: dict, configuration: str, dataset_json: dict) -> str:
+    """Hash of what nnU-Net's preprocessing of ``configuration`` depends on."""
+    return canonical_sha256({"plans": plans, "configuration": configuration, "dataset_json": dataset_json})
+
+
+# ----------------------------------------------------------------------------------------------- cases
+
+def checkpoint_lesion_labels(checkpoint: Path | str) -> tuple[int, ...]:
+    """Lesion label values a lesion checkpoint was trained for (reads metadata, builds no model)."""
+    from lefusion_nnunet.data.config import DataConfig
+    from lefusion_nnunet.training.checkpoint import load_checkpoint_content
+
+    content = load_checkpoint_content(checkpoint, expected_kind="lesion")
+    return tuple(int(v) for v in DataConfig.from_dict(content["data_config"]).lesion_labels)
+
+
+def lesion_free_cases(preprocessed_folder: Path | str, case_ids: Iterable[str],
+                      lesion_labels: Sequence[int]) -> list[str]:
+    """The cases of ``case_ids`` without a voxel of any of ``lesion_labels`` (sorted).
+
+    Reads ``class_locations`` from nnU-Net's per-case ``.pkl``: nnU-Net stores at least one location for
+    every label present in the preprocessed segmentation.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle
+
+    folder = Path(preprocessed_folder)
+    free = []
+    for case in sorted(case_ids):
+        pkl = folder / f"{case}.pkl"
+        if not pkl.is_file():
+            raise LeFusionInputError(f"{pkl} is missing; rerun nnUNetv2_plan_and_preprocess for this dataset.")
+        locations = load_pickle(str(pkl)).get("class_locations") or {}
+        present = False
+        for label in lesion_labels:
+            if label not in locations:
+                raise LeFusionInputError(f"label {label} of the LeFusion checkpoint is not a label of the "
+                                         f"preprocessed dataset ({pkl}); use a checkpoint trained on this "
+                                         f"dataset's labels.")
+            present = present or len(locations[label]) > 0
+        if not present:
+            free.append(case)
+    return free
+
+
+# ----------------------------------------------------------------------------------------------- bank
+
+@dataclass
+class SyntheticBank:
+    """A complete bank folder and its manifest."""
+
+    folder: Path
+    key: str
+    variants_by_source: dict[str, list[str]]
+    manifest: dict = field(repr=False)
+    built: bool = False
+    build_seconds: float = 0.0
+
+    @property
+    def num_variants(self) -> int:
+        return sum(len(v) for v in self.variants_by_source.values())
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.manifest.get("warnings", []))
+
+    def source_of(self, variant_id: str) -> str:
+        return self.manifest["variants"][variant_id]["source_case"]
+
+    @classmethod
+    def load(cls, folder: Path | str, key: str | None = None) -> "SyntheticBank | None":
+        """The bank in ``folder``, or None if it is missing, incomplete or for another key."""
+        folder = Path(folder)
+        try:
+            manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            return None
+        if key is not None and manifest.get("key") != key:
+            return None
+        by_source: dict[str, list[str]] = {}
+        for vid, entry in sorted(manifest.get("variants", {}).items()):
+            has_data = (folder / f"{vid}.b2nd").is_file() or (folder / f"{vid}.npz").is_file()
+            if not (has_data and (folder / f"{vid}.pkl").is_file()):
+                return None
+            by_source.setdefault(entry["source_case"], []).append(vid)
+        return cls(folder=folder, key=manifest["key"], variants_by_source=by_source, manifest=manifest,
+                   build_seconds=float(manifest.get("build_seconds", 0.0)))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Exclusive advisory lock (no-op where fcntl is unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+BuildFn = Callable[[Path], tuple[dict, list[str]]]
+
+
+def _load_or_build(spec: BankSpec, root: Path, build: BuildFn, log: Callable[[str], None]) -> SyntheticBank:
+    key = spec.key
+    final = root / key
+    with _file_lock(root / f".{key}.lock"):
+        bank = SyntheticBank.load(final, key)
+        if bank is not None:
+            return bank
+        shutil.rmtree(root / f".{key}.partial", ignore_errors=True)  # left by a killed build
+        start = time.perf_counter()
+        with atomic_directory(final, overwrite=True) as partial:
+            variants, warnings = build(partial)
+            seconds = time.perf_counter() - start
+            atomic_write_json(partial / MANIFEST_NAME, {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "key": key, "spec": spec.to_dict(),
+                "variants": _json_safe(variants), "warnings": list(warnings), "build_seconds": round(seconds, 3),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        bank = SyntheticBank.load(final, key)
+        if bank is None:  # pragma: no cover - would be a bug in the build
+            raise RuntimeError(f"the LeFusion bank {final} was written but cannot be read back")
+        bank.built = True
+        return bank
+
+
+def ensure_bank(spec: BankSpec, root: Path | str, build: BuildFn, *, rank: int = 0,
+                barrier: Callable[[], None] | None = None, log: Callable[[str], None] = print,
+                poll_seconds: float = 2.0) -> SyntheticBank:
+    """The bank for ``spec`` under ``root``: reused when complete, else built by ``build(partial_folder)``.
+
+    ``build`` writes the preprocessed variants into the folder it gets and returns
+    ``({variant_id: {"source_case": ..., "provenance": {...}}}, warnings)``. With DDP pass ``rank`` and
+    ``barrier`` (``torch.distributed.barrier``): rank 0 builds, the others poll for the finished manifest
+    (no collective timeout however long the build takes) or for rank 0's failure marker.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    failed = root / f".{spec.key}.failed"
+    if rank == 0:
+        failed.unlink(missing_ok=True)
+    if barrier is not None:
+        barrier()
+    if rank == 0:
+        try:
+            bank = _load_or_build(spec, root, build, log)
+        except BaseException as exc:
+            if barrier is not None:
+                failed.write_text(f"{type(exc).__name__}: {exc}\n")
+            raise
+    else:
+        while True:
+            bank = SyntheticBank.load(root / spec.key, spec.key)
+            if bank is not None:
+                break
+            if failed.exists():
+                raise RuntimeError(f"rank 0 failed to build the LeFusion bank {root / spec.key}: "
+                                   f"{failed.read_text().strip()}")
+            time.sleep(poll_seconds)
+    if barrier is not None:
+        barrier()
+    return bank
+
+
+# ----------------------------------------------------------------------------------------------- build
+
+def make_synthesizer(checkpoint: Path | str, variants: Any, device: str, batch_size: int):
+    """The lesion synthesizer for the bank: checkpoint defaults, overridden by ``variants.sampler``."""
+    from lefusion_nnunet.diffusion import SamplerConfig
+    from lefusion_nnunet.synthesis import LesionSynthesizer, load_lesion_checkpoint
+
+    loaded = load_lesion_checkpoint(checkpoint, device)
+    overrides = dict(getattr(variants, "sampler", None) or {})
+    sampler = SamplerConfig(**{**loaded.sampler_defaults, **overrides}) if overrides else None
+    return LesionSynthesizer(loaded, device=device, sampler=sampler,
+                             guidance_scale=getattr(variants, "guidance_scale", 1.0), batch_size=batch_size)
+
+
+def make_variants(synth, raw_dataset, case_ids: list[str], settings):
+    """:func:`lefusion_nnunet.variants.make_variants` (a seam tests replace)."""
+    from lefusion_nnunet.variants import make_variants as _make_variants
+
+    return _make_variants(synth, raw_dataset, case_ids, settings)
+
+
+class _Preprocessor:
+    """Writes one synthetic case as temporary raw files and stores nnU-Net's preprocessing of it."""
+
+    def __init__(self, raw_dataset, plans_manager, configuration_manager, dataset_json: dict, dataset_class):
+        self.raw = raw_dataset
+        self.plans_manager = plans_manager
+        self.configuration_manager = configuration_manager
+        self.dataset_json = dataset_json
+        self.dataset_class = dataset_class
+        self.preprocessor = configuration_manager.preprocessor_class(verbose=False)
+        self._ref_case: str | None = None
+        self._ref = None
+
+    def _reference(self, source_case: str):
+        from lefusion_nnunet.data.io import read_image, read_label
+
+        if self._ref_case != source_case:
+            files = self.raw.case(source_case)
+            if files.label is None:
+                raise LeFusionInputError(f"case {source_case} of {self.raw.folder} has no label file; every "
+                                         f"training case needs one.")
+            image = read_image(files.images)
+            _, label_props = read_label(files.label)
+            self._ref_case, self._ref = source_case, (image, label_props)
+        return self._ref
+
+    def __call__(self, case, out_dir: Path, tmp_dir: Path) -> None:
+        from lefusion_nnunet.data.io import write_image_channel, write_label
+        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+        image, label_props = getattr(case, "reference", None), getattr(case, "label_properties", None)
+        if image is None or label_props is None:
+            image, label_props = self._reference(case.source_case)
+        ending = self.raw.file_ending
+        image_files = []
+        for c, channel in enumerate(case.channels):
+            f = tmp_dir / f"{case.case_id}_{c:04d}{ending}"
+            write_image_channel(np.asarray(channel), f, image, c)
+            image_files.append(str(f))
+        seg_file = tmp_dir / f"{case.case_id}{ending}"
+        write_label(np.asarray(case.label), seg_file, label_props)
+        data, seg, props = self.preprocessor.run_case(image_files, str(seg_file), self.plans_manager,
+                                                      self.configuration_manager, self.dataset_json)
+        for f in [*image_files, str(seg_file)]:
+            os.unlink(f)
+        props["lefusion_source_case"] = case.source_case
+        data = data.astype(np.float32, copy=False)
+        seg = seg.astype(np.int16, copy=False)
+        out = str(out_dir / case.case_id)
+        if issubclass(self.dataset_class, nnUNetDatasetBlosc2):
+            from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+
+            patch = tuple(self.configuration_manager.patch_size)
+            blocks, chunks = comp_blosc2_params(data.shape, patch, data.itemsize)
+            blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)
+            self.dataset_class.save_case(data, seg, props, out, chunks=chunks, blocks=blocks,
+                                         chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+        else:
+            self.dataset_class.save_case(data, seg, props, out)
+
+
+def build_bank_contents(out_dir: Path, *, synthesizer_factory: Callable[[], Any], raw_dataset, case_ids: list[str],
+                        variant_settings, plans_manager, configuration_manager, dataset_json: dict,
+                        dataset_class, log: Callable[[str], None] = print) -> tuple[dict, list[str]]:
+    """Make, preprocess and save the variants of ``case_ids`` into ``out_dir``; returns (variants, warnings)."""
+    prep = _Preprocessor(raw_dataset, plans_manager, configuration_manager, dataset_json, dataset_class)
+    tmp_dir = out_dir / ".raw_tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    synth = synthesizer_factory()
+    variants: dict[str, dict] = {}
+    warnings: list[str] = []
+    done_sources: set[str] = set()
+    try:
+        for cases, chunk_warnings in make_variants(synth, raw_dataset, list(case_ids), variant_settings):
+            warnings.extend(str(w) for w in chunk_warnings)
+            for case in cases:
+                if case.source_case not in case_ids:
+                    raise RuntimeError(f"make_variants returned a variant of {case.source_case}, which was "
+                                       f"not requested")
+                prep(case, out_dir, tmp_dir)
+                variants[case.case_id] = {"source_case": case.source_case,
+                                          "provenance": _json_safe(getattr(case, "provenance", {}))}
+                done_sources.add(case.source_case)
+            log(f"LeFusion bank: {len(variants)} synthetic cases from {len(done_sources)} of "
+                f"{len(case_ids)} lesion-free training cases")
+    finally:
+        del synth
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return variants, warnings
+
+
+# ----------------------------------------------------------------------------------------------- loader
+
+class SyntheticSwapDataset:
+    """nnU-Net training dataset in which a lesion-free case is replaced by a synthetic variant with probability P.
+
+    Behaves like the wrapped dataset for ``nnUNetDataLoader``: same ``identifiers`` (the real training
+    cases, so sampling weights are unchanged) and the same ``load_case`` return value
+    ``(data, seg, seg_prev, properties)``. When a case with variants is drawn, a uniform draw below P
+    returns a uniformly chosen variant from the bank instead. Randomness is numpy's, from a generator created
+    per process (forked data-augmentation workers each get their own from OS entropy). Every load appends a
+    line ``S|R <tab> source <tab> loaded id`` to ``draws_log`` (``O_APPEND``, safe across processes).
+    Picklable (only paths and plain data are kept).
+    """
+
+    def __init__(self, real, bank: SyntheticBank, dataset_class, probability: float, draws_log: str | None = None):
+        self.real = real
+        self.identifiers = real.identifiers
+        self.source_folder = real.source_folder
+        self.folder_with_segs_from_previous_stage = getattr(real, "folder_with_segs_from_previous_stage", None)
+        self.probability = float(probability)
+        train = set(real.identifiers)
+        self.variants_by_source = {k: sorted(v) for k, v in bank.variants_by_source.items() if k in train and v}
+        variant_ids = sorted(v for vs in self.variants_by_source.values() for v in vs)
+        self.bank = dataset_class(str(bank.folder), variant_ids)
+        self.draws_log = draws_log
+        self._pid: int | None = None
+        self._rng: np.random.Generator | None = None
+        self._fd: int | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_pid=None, _rng=None, _fd=None)
+        return state
+
+    def _process_state(self) -> np.random.Generator:
+        if self._pid != os.getpid():
+            self._pid, self._rng, self._fd = os.getpid(), np.random.default_rng(), None
+        return self._rng  # type: ignore[return-value]
+
+    def _record(self, kind: str, source: str, loaded: str) -> None:
+        if self.draws_log is None:
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.draws_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(self._fd, f"{kind}\t{source}\t{loaded}\n".encode())
+        except OSError as exc:
+            print(f"LeFusion: cannot write the draws log {self.draws_log} ({exc}); draws are no longer recorded")
+            self.draws_log = None
+
+    def load_case(self, identifier: str):
+        rng = self._process_state()
+        variants = self.variants_by_source.get(identifier)
+        if variants and rng.random() < self.probability:
+            variant = variants[int(rng.integers(len(variants)))]
+            self._record("S", identifier, variant)
+            return self.bank.load_case(variant)
+        self._record("R", identifier, identifier)
+        return self.real.load_case(identifier)
+
+    def __getitem__(self, identifier: str):
+        return self.load_case(identifier)
+
+
+@dataclass(frozen=True)
+class DrawStats:
+    """Counts from a draws log (see :class:`SyntheticSwapDataset`)."""
+
+    loads: int
+    synthetic: int
+    distinct_variants: int
+    sources: tuple[str, ...]
+    variants: tuple[str, ...]
+
+
+def read_draws(path: Path | str, offset: int = 0) -> DrawStats:
+    """Count the loads recorded in a draws log from byte ``offset`` on."""
+    loads = synthetic = 0
+    variants: set[str] = set()
+    sources: set[str] = set()
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        text = ""
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3:
+            continue
+        loads += 1
+        if parts[0] == "S":
+            synthetic += 1
+            sources.add(parts[1])
+            variants.add(parts[2])
+    return DrawStats(loads=loads, synthetic=synthetic, distinct_variants=len(variants),
+                     sources=tuple(sorted(sources)), variants=tuple(sorted(variants)))

@@ -1,0 +1,167 @@
+"""``LeFusionTrainer``: nnU-Net's trainer, training on synthetic lesions in lesion-free training cases.
+
+Use it like any nnU-Net trainer once it is registered (``lefusion install-trainer``, or
+``export nnUNet_extTrainer=$(lefusion trainer-dir)`` where torchvision imports)::
+
+    nnUNetv2_train DATASET 3d_fullres FOLD -tr LeFusionTrainer
+    nnUNetv2_predict -i IN -o OUT -d DATASET -c 3d_fullres -f FOLD -tr LeFusionTrainer
+
+What differs from ``nnUNetTrainer`` (nothing else is overridden):
+
+- ``get_tr_and_val_datasets``: before the data loaders are built, the synthetic bank of this fold's training
+  split is built or reused (:mod:`lefusion_nnunet.integration.bank`), and the training dataset is wrapped so
+  that a drawn lesion-free case is replaced by one of its K variants with probability P. The validation
+  dataset, the final validation and its metrics are real-only.
+- ``on_train_end``: logs how many loads used a synthetic case (from ``<output_folder>/lefusion_draws.log``).
+
+Settings come from ``lefusion_trainer.json`` and ``LEFUSION_*`` environment variables
+(:mod:`lefusion_nnunet.integration.trainer_settings`), because nnU-Net's trainer ``__init__`` takes no extra
+arguments. ``LEFUSION_ITERATIONS_PER_EPOCH`` / ``LEFUSION_VAL_ITERATIONS_PER_EPOCH`` shorten epochs for
+smoke tests (nnU-Net's defaults are 250 / 50).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from os.path import join
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import empty_cache
+
+from lefusion_nnunet.integration import bank as _bank
+from lefusion_nnunet.integration.trainer_settings import load_trainer_settings, resolve_checkpoint
+
+__all__ = ["LeFusionTrainer", "LeFusionTrainer_1epoch", "LeFusionTrainer_5epochs", "LeFusionTrainer_p025",
+           "LeFusionTrainer_p075"]
+
+
+class LeFusionTrainer(nnUNetTrainer):
+    """nnU-Net trainer that swaps lesion-free training cases for LeFusion variants with probability P."""
+
+    #: When set, overrides the settings' probability P (used by the ``_pXXX`` variants).
+    lefusion_probability: float | None = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        settings = load_trainer_settings(self.plans_manager.dataset_name, require_checkpoint=False)
+        if self.lefusion_probability is not None:
+            settings = dataclasses.replace(settings, probability=self.lefusion_probability)
+        self.lefusion_settings = settings
+        for name in ("num_iterations_per_epoch", "num_val_iterations_per_epoch"):
+            if getattr(settings, name) is not None:
+                setattr(self, name, getattr(settings, name))
+                self.print_to_log_file(f"LeFusion settings: {name} = {getattr(settings, name)}")
+        self.lefusion_bank: _bank.SyntheticBank | None = None
+        self.lefusion_draws_log = join(self.output_folder, _bank.DRAWS_LOG_NAME) if self.output_folder else None
+        self._lefusion_draws_offset = 0
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        return self._lefusion_wrap(dataset_tr), dataset_val
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.lefusion_bank is not None and self.lefusion_draws_log is not None:
+            stats = _bank.read_draws(self.lefusion_draws_log, self._lefusion_draws_offset)
+            self.print_to_log_file(
+                f"LeFusion: {stats.synthetic} of {stats.loads} training case loads used a synthetic case "
+                f"({stats.distinct_variants} distinct variants of {len(stats.sources)} source cases; "
+                f"draws log {self.lefusion_draws_log})")
+
+    # -------------------------------------------------------------------------------------------- LeFusion
+
+    def _lefusion_wrap(self, dataset_tr):
+        settings = self.lefusion_settings
+        if self.is_cascaded:
+            self.print_to_log_file("LeFusion: cascaded configurations are not supported; training on real "
+                                   "cases only")
+            return dataset_tr
+        if settings.probability == 0:
+            self.print_to_log_file("LeFusion: probability 0; training on real cases only")
+            return dataset_tr
+        settings = resolve_checkpoint(settings, self.plans_manager.dataset_name)
+        self.lefusion_settings = settings
+        bank = self._lefusion_bank(settings, list(dataset_tr.identifiers))
+        self.lefusion_bank = bank
+        if bank is None:
+            self.print_to_log_file("LeFusion: the training split has no lesion-free case; training on real cases "
+                                   "only")
+            return dataset_tr
+        if bank.num_variants == 0:
+            self.print_to_log_file("LeFusion: no synthetic cases in the bank; training on real cases only")
+            return dataset_tr
+        if self.lefusion_draws_log is not None and os.path.isfile(self.lefusion_draws_log):
+            self._lefusion_draws_offset = os.path.getsize(self.lefusion_draws_log)
+        how = f"built in {bank.build_seconds:.1f} s" if bank.built else "reused"
+        self.print_to_log_file(
+            f"LeFusion: {bank.num_variants} synthetic cases of {len(bank.variants_by_source)} lesion-free training "
+            f"cases (of {len(dataset_tr.identifiers)}) replace their source with probability "
+            f"{settings.probability}; bank {bank.folder} ({how}, {len(bank.warnings)} warnings)")
+        for warning in bank.warnings[:20]:
+            self.print_to_log_file(f"LeFusion warning: {warning}")
+        return _bank.SyntheticSwapDataset(dataset_tr, bank, self.dataset_class, settings.probability,
+                                          self.lefusion_draws_log)
+
+    def _lefusion_bank(self, settings, train_keys: list[str]) -> _bank.SyntheticBank | None:
+        from lefusion_nnunet.utils import sha256_file
+
+        labels = _bank.checkpoint_lesion_labels(settings.checkpoint)
+        free = _bank.lesion_free_cases(self.preprocessed_dataset_folder, train_keys, labels)
+        if not free:
+            return None
+        spec = _bank.BankSpec(
+            checkpoint_sha256=sha256_file(settings.checkpoint), variants=settings.variants.to_dict(),
+            fold=str(self.fold), configuration=self.configuration_name, plans_name=self.plans_manager.plans_name,
+            data_identifier=self.configuration_manager.data_identifier,
+            plans_sha256=_bank.plans_sha256(self.plans_manager.plans, self.configuration_name, self.dataset_json),
+            lesion_labels=labels, case_ids=tuple(free))
+        device = str(self.device) if settings.device == "auto" else settings.device
+
+        def build(folder):
+            from lefusion_nnunet.data.dataset import load_raw_dataset
+
+            self.print_to_log_file(f"LeFusion: building the synthetic bank ({settings.variants.per_case} "
+                                   f"variants for each of {len(free)} lesion-free training cases) on {device}")
+            raw = load_raw_dataset(self.plans_manager.dataset_name)
+            return _bank.build_bank_contents(
+                folder, synthesizer_factory=lambda: _bank.make_synthesizer(settings.checkpoint, settings.variants,
+                                                                           device, settings.batch_size),
+                raw_dataset=raw, case_ids=free, variant_settings=settings.variants,
+                plans_manager=self.plans_manager, configuration_manager=self.configuration_manager,
+                dataset_json=self.dataset_json, dataset_class=self.dataset_class,
+                log=lambda msg: self.print_to_log_file(msg))
+
+        barrier = None
+        if self.is_ddp:
+            from torch import distributed as dist
+
+            barrier = dist.barrier
+        bank = _bank.ensure_bank(spec, join(self.preprocessed_dataset_folder_base, _bank.BANK_FOLDER), build,
+                                 rank=self.local_rank, barrier=barrier,
+                                 log=lambda msg: self.print_to_log_file(msg))
+        empty_cache(self.device)
+        return bank
+
+
+class LeFusionTrainer_1epoch(LeFusionTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+
+
+class LeFusionTrainer_5epochs(LeFusionTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+class LeFusionTrainer_p025(LeFusionTrainer):
+    lefusion_probability = 0.25
+
+
+class LeFusionTrainer_p075(LeFusionTrainer):
+    lefusion_probability = 0.75
