@@ -17,11 +17,12 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
+
+from _common import emit
 
 import numpy as np
 import torch
@@ -134,11 +135,7 @@ def main() -> None:
     result["reference_lefusion"] = REFERENCE
     result["speedup_vs_reference_cpu_j2_r2"] = REFERENCE["cpu_seconds_per_lesion_j2_r2"] / per_lesion[best]
     result["targets"] = {"cpu_seconds_per_lesion_at_most": 30, "denoiser_vs_dense_conv3d_at_least": 0.5}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

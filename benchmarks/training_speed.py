@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _common import emit
+
 WORKER = r"""
 import json, resource, sys, time, torch
 from lefusion_nnunet.diffusion import DenoiserConfig, LesionDenoiser, masked_epsilon_loss
@@ -77,11 +79,7 @@ def main() -> None:
                 "peak_gib_batch_1": b1["peak_gib"], "peak_gib_batch_2": b2["peak_gib"],
                 "memory_per_sample_gib": b2["peak_gib"] - b1["peak_gib"]}
     result["targets"] = {"small_memory_per_sample_gib_at_most": 1.5 * 1e9 / 2**30}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lefusion_nnunet.data.dataset import RawDataset, env_folder, label_presence, load_raw_dataset
+from lefusion_nnunet.data.dataset import RawDataset, env_folder, load_raw_dataset
 from lefusion_nnunet.data.io import read_image, read_label, write_image_channel, write_label
 from lefusion_nnunet.errors import LeFusionInputError
-from lefusion_nnunet.utils import atomic_directory, atomic_write_json
+from lefusion_nnunet.utils import _friendly_os_error, atomic_directory, atomic_write_json
+from lefusion_nnunet.validation import check_checkpoint_fits, check_finite_voxels, validate_dataset
 from lefusion_nnunet.variants import (SyntheticCase, VariantSettings, VariantWarning, make_variants,
                                       synthetic_case_id, variant_chunks)
 
@@ -152,17 +153,11 @@ def _check_destination(dst_name: str, src: RawDataset, raw_root: Path, overwrite
 # the synthesizer
 def _build_synthesizer(src: RawDataset, checkpoint, settings: VariantSettings, batch_size: int,
                        device: str) -> "LesionSynthesizer":
-    from lefusion_nnunet.diffusion import SamplerConfig
     from lefusion_nnunet.paths import find_default_checkpoint
-    from lefusion_nnunet.synthesis import LesionSynthesizer, load_lesion_checkpoint
-    from lefusion_nnunet.utils import resolve_device
+    from lefusion_nnunet.synthesis import LesionSynthesizer
 
     path = Path(checkpoint) if checkpoint is not None else find_default_checkpoint(src.name)
-    dev = resolve_device(device)
-    loaded = load_lesion_checkpoint(path, dev)
-    sampler = SamplerConfig(**{**loaded.sampler_defaults, **settings.sampler}) if settings.sampler else None
-    return LesionSynthesizer(loaded, device=dev, sampler=sampler, guidance_scale=settings.guidance_scale,
-                             batch_size=batch_size)
+    return LesionSynthesizer.from_checkpoint(path, device, settings.sampler, settings.guidance_scale, batch_size)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -203,13 +198,43 @@ def _load_journal(partial: Path, key: dict, n_channels: int, ending: str) -> dic
     return journal
 
 
+def _remove_unjournaled_files(partial: Path, journal: dict | None, n_channels: int, ending: str) -> None:
+    """Before resuming: drop what a killed run left that the journal does not vouch for.
+
+    Temporary files (``.tmp-<pid>-...``, ``.<name>.tmp-<pid>``) and case files of source cases not recorded as
+    completed are removed, so the finished dataset holds exactly what an uninterrupted run writes.
+    """
+    keep: set[Path] = set()
+    if journal is not None:
+        for case in journal["completed"]:
+            for s in journal["written"].get(case, []):
+                keep.update(_case_files(partial, s, n_channels, ending))
+    for sub in ("imagesTr", "labelsTr"):
+        folder = partial / sub
+        if folder.is_dir():
+            for f in folder.iterdir():
+                if f in keep:
+                    continue
+                if f.is_dir():
+                    shutil.rmtree(f, ignore_errors=True)
+                else:
+                    f.unlink(missing_ok=True)
+    for f in partial.glob(".*"):
+        if f.is_file():
+            f.unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------------------------------------
 # writing
 def _copy_file(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _friendly_os_error(exc, dst) from exc
 
 
 def _write_case(folder: Path, case: SyntheticCase, src: RawDataset, model_channel: int) -> None:
@@ -303,7 +328,7 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
 
     if cases_from not in CASES_FROM:
         raise LeFusionInputError(f"--cases-from {cases_from!r} is not one of {', '.join(CASES_FROM)}.")
-    raw_root = env_folder("nnUNet_raw")
+    raw_root = env_folder("nnUNet_raw", must_exist=True)
     src = load_raw_dataset(source, raw_root)
     dst_name = destination_name(destination, src.name)
     dst = _check_destination(dst_name, src, raw_root, overwrite)
@@ -312,19 +337,29 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
              else _build_synthesizer(src, checkpoint, settings, batch_size, device))
     data = synth.checkpoint.data
     channel = int(data.channel)
-    data.check_compatible(src.labels, src.modality(channel), f"{src.folder / 'dataset.json'}")
+    check_checkpoint_fits(data, src)
     lesion_labels = [int(v) for v in data.lesion_labels]
     n_channels = len(src.channel_names)
 
-    if cases_from == "all":
-        case_ids = [c.case_id for c in src.cases]
-    else:
-        presence = label_presence(src, lesion_labels)
-        case_ids = [c for c, has in presence.items() if not has]
+    # every input problem is reported here, before anything is written
+    region_label = None if settings.region_masks_dir else (
+        settings.region_label if settings.region_label is not None else data.region_label)
+    region_flag = "--region-label" if settings.region_label is not None else "the checkpoint's region label"
+    check = validate_dataset(src, lesion_labels, region_label, channel, need_lesions=settings.mask_source == "real",
+                             need_lesion_free=cases_from == "lesion-free", read_voxels="none",
+                             region_masks_dir=settings.region_masks_dir, roi=data.roi,
+                             lesion_flag="the checkpoint's lesion label", region_flag=region_flag,
+                             channel_flag="the checkpoint's channel",
+                             lesion_free_hint="use --cases-from all or add cases without lesions")
+    case_ids = [c.case_id for c in src.cases] if cases_from == "all" else list(check.lesion_free_cases)
     case_ids = sorted(str(c) for c in case_ids)
-    if not case_ids:
-        raise LeFusionInputError(f"{src.folder} has no lesion-free case (every case holds label(s) {lesion_labels}); "
-                                 f"use --cases-from all.")
+    if region_label is not None and not any(int(region_label) in check.label_values[c] for c in case_ids):
+        raise LeFusionInputError(f"{region_flag} {region_label} occurs in none of the {len(case_ids)} case(s) that "
+                                 f"would receive lesions ({cases_from}); pick a label present in them, or "
+                                 f"--region-masks.")
+    for c in case_ids:  # the images that will be read: truncated files and NaN/Inf voxels
+        for f in src.case(c).images:
+            check_finite_voxels(f, "image")
     clash = sorted({synthetic_case_id(c, k) for c in case_ids for k in range(settings.per_case)}
                    & {c.case_id for c in src.cases})
     if clash:
@@ -335,6 +370,7 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
     journal = None
     if resume and partial.is_dir():
         journal = _load_journal(partial, key, n_channels, src.file_ending)
+        _remove_unjournaled_files(partial, journal, n_channels, src.file_ending)
     elif partial.exists():
         shutil.rmtree(partial)
     if journal is None:

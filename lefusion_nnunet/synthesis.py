@@ -25,7 +25,7 @@ from lefusion_nnunet.data.roi import (extract_roi, extract_roi_mask, mask_fits_r
                                       roi_center_for_mask, roi_origin_for_center)
 from lefusion_nnunet.diffusion import (DenoiserConfig, LesionDenoiser, NoiseSchedule, SamplerConfig,
                                        ScheduleConfig, make_sampler)
-from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
 from lefusion_nnunet.training.checkpoint import load_checkpoint_content
 from lefusion_nnunet.utils import resolve_device, sha256_file
 
@@ -48,16 +48,22 @@ class LoadedCheckpoint:
 def load_lesion_checkpoint(path: Path | str, device: str = "cpu") -> LoadedCheckpoint:
     """Load a lesion checkpoint (EMA weights) onto ``device`` in eval mode."""
     content = load_checkpoint_content(path, expected_kind="lesion")
-    model = LesionDenoiser(DenoiserConfig.from_dict(content["model_config"]))
-    model.load_state_dict(content["ema_state"])
+    try:
+        model = LesionDenoiser(DenoiserConfig.from_dict(content["model_config"]))
+        model.load_state_dict(content["ema_state"])  # strict: unexpected or missing weights are rejected
+        data = DataConfig.from_dict(content["data_config"])
+        prototypes = [Prototypes.from_dict(p) for p in content["prototypes"]]
+        histograms = content["training_histograms"].numpy()
+        schedule = NoiseSchedule(ScheduleConfig(**content["schedule_config"]))
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise LeFusionCheckpointError(f"checkpoint {path} is incomplete or its weights do not fit its model "
+                                      f"configuration ({type(exc).__name__}); use a checkpoint_final.pt written by "
+                                      f"`lefusion train` or retrain.") from exc
     model.to(device).eval()
     return LoadedCheckpoint(
-        path=Path(path), file_sha256=sha256_file(path), data=DataConfig.from_dict(content["data_config"]),
-        prototypes=[Prototypes.from_dict(p) for p in content["prototypes"]],
-        training_histograms=content["training_histograms"].numpy(),
-        training_summary=dict(content.get("training_summary", {})), model=model,
-        schedule=NoiseSchedule(ScheduleConfig(**content["schedule_config"])).to(device),
-        sampler_defaults=dict(content.get("sampler_defaults", {})))
+        path=Path(path), file_sha256=sha256_file(path), data=data, prototypes=prototypes,
+        training_histograms=histograms, training_summary=dict(content.get("training_summary", {})), model=model,
+        schedule=schedule.to(device), sampler_defaults=dict(content.get("sampler_defaults", {})))
 
 
 @dataclass
@@ -114,6 +120,16 @@ class LesionSynthesizer:
         if batch_size < 1:
             raise LeFusionInputError(f"--batch-size {batch_size} must be at least 1.")
         self.batch_size = int(batch_size)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path | str, device: str = "auto", sampler_overrides: dict | None = None,
+                        guidance_scale: float = 1.0, batch_size: int = 4) -> "LesionSynthesizer":
+        """Load ``path`` and build a synthesizer whose sampler is the checkpoint's default sampler with
+        ``sampler_overrides`` (SamplerConfig fields, e.g. ``{"num_steps": 10}``) applied on top."""
+        device = resolve_device(device)
+        loaded = load_lesion_checkpoint(path, device)
+        sampler = SamplerConfig(**{**loaded.sampler_defaults, **(sampler_overrides or {})})
+        return cls(loaded, device=device, sampler=sampler, guidance_scale=guidance_scale, batch_size=batch_size)
 
     @property
     def data(self) -> DataConfig:
@@ -261,7 +277,9 @@ def synthesize_files(synth: LesionSynthesizer, image_files: Sequence[Path | str]
     from lefusion_nnunet.data.io import (check_same_grid, file_ending_of, read_image, read_label, write_image_channel,
                                          write_label)
     from lefusion_nnunet.utils import atomic_directory
+    from lefusion_nnunet.validation import check_output_absent
 
+    check_output_absent(out_dir, overwrite, "output folder")
     data = synth.data
     vol = read_image(image_files)
     mask, mprops = read_label(mask_file)

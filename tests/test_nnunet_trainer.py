@@ -488,6 +488,36 @@ def test_trainer_without_lesion_free_training_cases_trains_real_only(tiny, monke
     t.on_train_end()
 
 
+def test_trainer_reports_bad_input_before_building_the_bank(tiny, monkeypatch):
+    """A truncated raw image of a lesion-free training case, or a checkpoint made for MR, is one sentence
+    (also in the nnU-Net log) raised before any variant is made and before a bank folder exists."""
+    monkeypatch.setenv("LEFUSION_PROBABILITY", "1")
+    image = tiny["raw"] / "imagesTr" / "case003_0000.nii.gz"  # fold 0 training split, lesion-free
+    intact = image.read_bytes()
+    image.write_bytes(intact[: len(intact) // 2])
+    t = _make_trainer("LeFusionTrainer_1epoch")
+    with pytest.raises(LeFusionInputError, match=r"case003_0000.nii.gz is truncated"):
+        t.on_train_start()
+    assert tiny["calls"].make_variants == []
+    assert not (tiny["pre"] / "lefusion_bank").exists()
+    assert "LeFusion: error: image file" in Path(t.log_file).read_text()
+    image.write_bytes(intact)
+
+    from lefusion_nnunet.data.config import DataConfig
+    from lefusion_nnunet.data.intensity import IntensitySpace
+    from lefusion_nnunet.data.roi import RoiGeometry
+    from lefusion_nnunet.training.checkpoint import save_checkpoint
+
+    mr = DataConfig(dataset_name=DATASET, lesion_labels=(2,), label_names=("nodule",), region_label=1, channel=0,
+                    modality="MR", roi=RoiGeometry(), intensity=IntensitySpace("percentile"))
+    save_checkpoint(tiny["ckpt"], {"kind": "lesion", "model_config": {}, "schedule_config": {},
+                                   "data_config": mr.to_dict(), "ema_state": {}, "step": 0})
+    t = _make_trainer("LeFusionTrainer_1epoch")
+    with pytest.raises(LeFusionInputError, match="trained on MR images but .* is CT"):
+        t.on_train_start()
+    assert tiny["calls"].make_variants == [] and not (tiny["pre"] / "lefusion_bank").exists()
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 def _lefusion_cmd() -> list[str]:

@@ -37,10 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     except LeFusionInputError as exc:
         print(f"lefusion: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an OS error no check anticipated (disk full, permission) is still one sentence
+        print(f"lefusion: error: {_os_error_sentence(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lefusion: interrupted; completed work is kept and --resume continues it.", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def _os_error_sentence(exc: OSError) -> str:
+    import errno
+
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"no space left on the device{where}; free some disk space or choose another output folder."
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}; choose files and folders you can read and write."
+    return f"{exc.strerror or exc}{where}; check the path and try again."
 
 
 if __name__ == "__main__":

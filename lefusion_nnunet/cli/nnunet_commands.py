@@ -22,6 +22,7 @@ def register(sub) -> None:
     c.add_argument("--boundary", type=float, default=0.3)
     c.add_argument("--region-label", type=int, default=None)
     c.add_argument("--region-masks", type=Path, default=None)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing lefusion_trainer.json")
     add_sampler(c)
     add_device(c)
     add_seed(c)
@@ -39,15 +40,31 @@ def register(sub) -> None:
 
 def run_trainer_config(args: argparse.Namespace) -> int:
     from lefusion_nnunet.cli.data_commands import variant_settings_from_args
-    from lefusion_nnunet.data.dataset import dataset_folder_name
+    from lefusion_nnunet.data.config import DataConfig
+    from lefusion_nnunet.data.dataset import dataset_folder_name, load_raw_dataset
     from lefusion_nnunet.integration.trainer_settings import TrainerSettings, write_trainer_settings
-    from lefusion_nnunet.paths import find_default_checkpoint
+    from lefusion_nnunet.paths import find_default_checkpoint, trainer_settings_file
+    from lefusion_nnunet.training.checkpoint import load_checkpoint_content
+    from lefusion_nnunet.validation import check_checkpoint_fits, check_output_absent, validate_dataset
 
     name = dataset_folder_name(args.dataset)
+    check_output_absent(trainer_settings_file(name), args.overwrite, "LeFusion trainer settings")
     checkpoint = args.checkpoint or find_default_checkpoint(name)
+    variants = variant_settings_from_args(args)
     settings = TrainerSettings(checkpoint=str(Path(checkpoint).resolve()), probability=args.probability,
-                               variants=variant_settings_from_args(args), batch_size=args.batch_size,
-                               device=args.device)
+                               variants=variants, batch_size=args.batch_size, device=args.device)
+    # the checkpoint and the raw dataset the trainer's bank is built from, checked now rather than mid-training
+    data = DataConfig.from_dict(load_checkpoint_content(checkpoint, expected_kind="lesion")["data_config"])
+    raw = load_raw_dataset(name)
+    check_checkpoint_fits(data, raw)
+    region = None if variants.region_masks_dir else (
+        variants.region_label if variants.region_label is not None else data.region_label)
+    validate_dataset(raw, data.lesion_labels, region, data.channel, need_lesions=variants.mask_source == "real",
+                     need_lesion_free=True, read_voxels="none", region_masks_dir=variants.region_masks_dir,
+                     roi=data.roi, lesion_flag="the checkpoint's lesion label",
+                     region_flag="--region-label" if variants.region_label is not None
+                     else "the checkpoint's region label", channel_flag="the checkpoint's channel",
+                     lesion_free_hint="LeFusionTrainer only adds lesions to lesion-free cases, add some")
     path = write_trainer_settings(name, settings)
     print(f"settings: {path}")
     return 0

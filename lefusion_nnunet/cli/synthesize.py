@@ -28,16 +28,14 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lefusion_nnunet.data.histogram import parse_textures
-    from lefusion_nnunet.diffusion import SamplerConfig
-    from lefusion_nnunet.synthesis import LesionSynthesizer, load_lesion_checkpoint, synthesize_files
-    from lefusion_nnunet.utils import resolve_device
+    from lefusion_nnunet.synthesis import LesionSynthesizer, synthesize_files
+    from lefusion_nnunet.validation import check_output_absent, validate_case_files
 
-    device = resolve_device(args.device)
-    ckpt = load_lesion_checkpoint(args.checkpoint, device)
-    sampler = SamplerConfig(**{**ckpt.sampler_defaults, **sampler_overrides(args)})
-    synth = LesionSynthesizer(ckpt, device=device, sampler=sampler, guidance_scale=args.guidance,
-                              batch_size=args.batch_size)
-    textures = parse_textures(args.texture, list(ckpt.data.lesion_labels))
+    check_output_absent(args.output, args.overwrite, "output folder")
+    synth = LesionSynthesizer.from_checkpoint(args.checkpoint, args.device, sampler_overrides(args), args.guidance,
+                                              args.batch_size)
+    validate_case_files(args.image, synth.data.channel, args.mask, args.label, roi=synth.data.roi)
+    textures = parse_textures(args.texture, list(synth.data.lesion_labels))
     written = synthesize_files(synth, args.image, args.mask, args.output, args.label, textures, args.seed,
                                args.overwrite)
     for key, path in written.items():

@@ -20,13 +20,20 @@ _ENV_HELP = ("set it to a folder, e.g. `export {var}=/data/nnUNet_{short}` (see 
              "documentation/setting_up_paths.md).")
 
 
-def env_folder(var: str) -> Path:
-    """The folder named by one of nnU-Net's env vars (``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results``)."""
+def env_folder(var: str, must_exist: bool = False) -> Path:
+    """The folder named by one of nnU-Net's env vars (``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results``).
+
+    With ``must_exist`` (input folders) the folder must exist; output folders are created when needed.
+    """
     value = os.environ.get(var)
-    if not value:
+    if not value or not value.strip():
         raise LeFusionInputError(f"environment variable {var} is not set; "
                                  + _ENV_HELP.format(var=var, short=var.split("_", 1)[1]))
-    return Path(value)
+    path = Path(value).expanduser()
+    if must_exist and not path.is_dir():
+        raise LeFusionInputError(f"environment variable {var}={value} does not name an existing folder; "
+                                 + _ENV_HELP.format(var=var, short=var.split("_", 1)[1]))
+    return path
 
 
 def dataset_folder_name(name_or_id: str | int, raw_root: Path | None = None) -> str:
@@ -112,7 +119,7 @@ def load_raw_dataset(name_or_path: str | int | Path, raw_root: Path | None = Non
     if candidate.is_dir() and (candidate / "dataset.json").exists():
         folder = candidate
     else:
-        root = raw_root or env_folder("nnUNet_raw")
+        root = raw_root or env_folder("nnUNet_raw", must_exist=True)
         folder = root / dataset_folder_name(name_or_path, root)
     if not folder.is_dir():
         raise LeFusionInputError(f"dataset folder {folder} does not exist; check the id/name and $nnUNet_raw.")
@@ -122,21 +129,45 @@ def load_raw_dataset(name_or_path: str | int | Path, raw_root: Path | None = Non
     try:
         djson = json.loads(djson_path.read_text())
     except json.JSONDecodeError as exc:
-        raise LeFusionInputError(f"{djson_path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file.")
+        raise LeFusionInputError(f"{djson_path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                                 f"fix the file.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LeFusionInputError(f"{djson_path} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
+                                 f"fix its permissions or content.") from None
+    if not isinstance(djson, dict):
+        raise LeFusionInputError(f"{djson_path} must hold a JSON object with channel_names, labels, numTraining "
+                                 f"and file_ending; fix the file.")
     for key in ("labels", "file_ending"):
         if key not in djson:
             raise LeFusionInputError(f"{djson_path} has no {key!r} entry; add it as nnU-Net requires.")
     if "channel_names" not in djson and "modality" not in djson:
         raise LeFusionInputError(f"{djson_path} has no 'channel_names' entry; add it as nnU-Net requires.")
+    channels = djson.get("channel_names", djson.get("modality"))
+    if not isinstance(channels, dict) or not channels:
+        raise LeFusionInputError(f"'channel_names' in {djson_path} must map channel numbers to names, e.g. "
+                                 f'{{"0": "CT"}}; fix the file.')
+    if not isinstance(djson["labels"], dict) or not djson["labels"]:
+        raise LeFusionInputError(f"'labels' in {djson_path} must map label names to integers, e.g. "
+                                 f'{{"background": 0, "lesion": 1}}; fix the file.')
+    if not isinstance(djson["file_ending"], str) or not djson["file_ending"].startswith("."):
+        raise LeFusionInputError(f"'file_ending' in {djson_path} is {djson['file_ending']!r}; set it to the "
+                                 f"image files' ending, e.g. \".nii.gz\".")
     for name, value in djson["labels"].items():
-        if not isinstance(value, int):
+        if isinstance(value, (list, tuple)):
             raise LeFusionInputError(f"label {name!r} in {djson_path} is {value!r}; region-based label lists are "
                                      f"not supported by LeFusion, use integer labels.")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise LeFusionInputError(f"label {name!r} in {djson_path} is {value!r}, not an integer; labels must map "
+                                     f"names to integer values.")
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     if "dataset" not in djson and not (folder / "imagesTr").is_dir():
         raise LeFusionInputError(f"{folder} has no imagesTr folder; it is not an nnU-Net raw dataset.")
-    listing = get_filenames_of_train_images_and_targets(str(folder), json.loads(json.dumps(djson)))
+    try:
+        listing = get_filenames_of_train_images_and_targets(str(folder), json.loads(json.dumps(djson)))
+    except Exception as exc:  # nnU-Net raises KeyError/TypeError for malformed "dataset" entries
+        raise LeFusionInputError(f"the case list of {djson_path} cannot be read ({type(exc).__name__}: {exc}); "
+                                 f"check its 'dataset' entries and the imagesTr folder.") from exc
     cases = [CaseFiles(str(k), tuple(Path(p) for p in v["images"]), Path(v["label"]) if v.get("label") else None)
              for k, v in sorted(listing.items())]
     if not cases:
@@ -145,8 +176,10 @@ def load_raw_dataset(name_or_path: str | int | Path, raw_root: Path | None = Non
     n_channels = len(djson.get("channel_names", djson.get("modality", {})))
     for c in cases:
         if len(c.images) != n_channels:
-            raise LeFusionInputError(f"case {c.case_id} has {len(c.images)} image file(s) but dataset.json "
-                                     f"declares {n_channels} channel(s); add the missing _000N files.")
+            fix = ("add the missing CASE_000N files" if len(c.images) < n_channels
+                   else "declare every channel in channel_names or remove the extra files")
+            raise LeFusionInputError(f"case {c.case_id} has {len(c.images)} image file(s) in {folder / 'imagesTr'} "
+                                     f"but {djson_path} declares {n_channels} channel(s); {fix}.")
     return RawDataset(folder=folder, dataset_json=djson, cases=cases)
 
 

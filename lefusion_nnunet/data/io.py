@@ -9,6 +9,7 @@ source file's pixel type, so voxels we did not change read back bit-identical.
 """
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -107,8 +108,12 @@ def read_image(files: Sequence[Path | str]) -> ImageVolume:
     except Exception as exc:
         raise LeFusionInputError(f"{files[0]} could not be read ({exc}); check that all channel files of the "
                                  f"case exist and share one grid.") from exc
+    for f in files:  # ITK fills a truncated NIfTI file up with zeros without an error
+        if not nifti_file_complete(f):
+            raise truncated_error(f)
     if not np.isfinite(array).all():
-        raise LeFusionInputError(f"{files[0]} contains NaN or infinite voxels; replace them (e.g. by the "
+        bad = next((f for i, f in enumerate(files) if i < len(array) and not np.isfinite(array[i]).all()), files[0])
+        raise LeFusionInputError(f"{bad} contains NaN or infinite voxels; replace them (e.g. by the "
                                  f"background value) before using LeFusion.")
     dtypes = [_stored_dtype(f) for f in files]
     return ImageVolume(array=array.astype(np.float32, copy=False),
@@ -150,6 +155,56 @@ def check_same_grid(image_props: dict, label_props: dict, image_file: Path, labe
                                      f"the label must share the image's geometry.")
 
 
+def truncated_error(path: Path | str, what: str = "") -> LeFusionInputError:
+    """The one sentence for a NIfTI file that :func:`nifti_file_complete` rejects."""
+    return LeFusionInputError(f"{what + ' file ' if what else ''}{path} is truncated or corrupt (fewer voxel bytes "
+                              f"than its header announces, or a bad checksum); re-export or replace it.")
+
+
+def nifti_file_complete(path: Path | str) -> bool:
+    """Whether a NIfTI file (``.nii`` / ``.nii.gz``) holds all the voxel bytes its header announces.
+
+    ITK's NIfTI reader fills a truncated file up with zeros without an error (unlike its NRRD and MetaImage
+    readers), so LeFusion checks the byte count itself: the gzip stream must end properly and hold at least
+    ``vox_offset + voxels * bitpix / 8`` bytes.
+    """
+    import gzip
+    import struct
+    import zlib
+
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        opener = gzip.open
+    elif name.endswith(".nii"):
+        opener = open
+    else:
+        return True
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(540)
+            total = len(head)
+            while block := f.read(1 << 22):
+                total += len(block)
+    except (EOFError, OSError, zlib.error):
+        return False
+    for endian in ("<", ">"):
+        if len(head) >= 4 and struct.unpack(endian + "i", head[:4])[0] == 348 and len(head) >= 112:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            break
+        if len(head) >= 4 and struct.unpack(endian + "i", head[:4])[0] == 540 and len(head) >= 176:
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = int(struct.unpack(endian + "q", head[168:176])[0])
+            break
+    else:
+        return False
+    n = int(np.prod([max(int(d), 1) for d in dims[1:1 + max(0, min(int(dims[0]), 7))]], dtype=np.int64))
+    return total >= max(offset, 348) + n * max(int(bitpix), 8) // 8
+
+
 def _to_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
     dt = np.dtype(dtype)
     if np.issubdtype(dt, np.integer):
@@ -179,13 +234,34 @@ def write_volume(array_zyx: np.ndarray, out_file: Path | str, properties: dict, 
     try:
         out_file.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(img, str(tmp), useCompression=True)
+        # ITK's NIfTI writer reports a full disk only on stderr and leaves a truncated file: verify it
+        if not nifti_file_complete(tmp):
+            raise OSError(errno.ENOSPC if _disk_nearly_full(tmp.parent) else errno.EIO,
+                          "the written file is incomplete")
         os.replace(tmp, out_file)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise _friendly_os_error(exc, out_file) from exc
     except RuntimeError as exc:  # SimpleITK wraps I/O errors in RuntimeError
         tmp.unlink(missing_ok=True)
-        raise LeFusionInputError(f"could not write {out_file}: {str(exc).splitlines()[-1]}") from exc
+        text = str(exc).lower()
+        if "no space left" in text or "quota" in text or _disk_nearly_full(out_file.parent):
+            raise _friendly_os_error(OSError(errno.ENOSPC, "No space left on device"), out_file) from exc
+        if "permission denied" in text or "read-only" in text:
+            raise _friendly_os_error(OSError(errno.EACCES, "Permission denied"), out_file) from exc
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise LeFusionInputError(f"could not write {out_file} ({lines[-1] if lines else 'SimpleITK error'}); "
+                                 f"check the output folder (partial output was removed).") from exc
+
+
+def _disk_nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system holding ``folder`` has less than ``margin`` bytes free."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def write_image_channel(channel_zyx: np.ndarray, out_file: Path | str, reference: ImageVolume,

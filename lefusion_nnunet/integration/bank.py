@@ -278,14 +278,10 @@ def ensure_bank(spec: BankSpec, root: Path | str, build: BuildFn, *, rank: int =
 
 def make_synthesizer(checkpoint: Path | str, variants: Any, device: str, batch_size: int):
     """The lesion synthesizer for the bank: checkpoint defaults, overridden by ``variants.sampler``."""
-    from lefusion_nnunet.diffusion import SamplerConfig
-    from lefusion_nnunet.synthesis import LesionSynthesizer, load_lesion_checkpoint
+    from lefusion_nnunet.synthesis import LesionSynthesizer
 
-    loaded = load_lesion_checkpoint(checkpoint, device)
-    overrides = dict(getattr(variants, "sampler", None) or {})
-    sampler = SamplerConfig(**{**loaded.sampler_defaults, **overrides}) if overrides else None
-    return LesionSynthesizer(loaded, device=device, sampler=sampler,
-                             guidance_scale=getattr(variants, "guidance_scale", 1.0), batch_size=batch_size)
+    return LesionSynthesizer.from_checkpoint(checkpoint, device, getattr(variants, "sampler", None),
+                                             getattr(variants, "guidance_scale", 1.0), batch_size)
 
 
 def make_variants(synth, raw_dataset, case_ids: list[str], settings):

@@ -104,10 +104,43 @@ class LeFusionTrainer(nnUNetTrainer):
         return _bank.SyntheticSwapDataset(dataset_tr, bank, self.dataset_class, settings.probability,
                                           self.lefusion_draws_log)
 
+    def _lefusion_validate(self, settings, data, free: list[str]) -> None:
+        """Every input problem of the bank build as one sentence, before any work: the raw dataset, the
+        checkpoint's fit to it (labels, modality, channel), region label / masks, and the images to be read."""
+        from lefusion_nnunet.data.dataset import load_raw_dataset
+        from lefusion_nnunet.errors import LeFusionInputError
+        from lefusion_nnunet.validation import check_checkpoint_fits, check_finite_voxels, validate_dataset
+
+        variants = settings.variants
+        try:
+            raw = load_raw_dataset(self.plans_manager.dataset_name)
+            check_checkpoint_fits(data, raw)
+            region = None if variants.region_masks_dir else (
+                variants.region_label if variants.region_label is not None else data.region_label)
+            real = variants.mask_source == "real"
+            check = validate_dataset(
+                raw, data.lesion_labels, region, data.channel, need_lesions=real, cases=None if real else free,
+                read_voxels="none", region_masks_dir=variants.region_masks_dir, roi=data.roi,
+                lesion_flag="the checkpoint's lesion label",
+                region_flag="region_label" if variants.region_label is not None else "the checkpoint's region label",
+                channel_flag="the checkpoint's channel")
+            if region is not None and not any(int(region) in check.label_values[c] for c in free):
+                raise LeFusionInputError(f"region label {region} occurs in none of the lesion-free training cases "
+                                         f"{free}; set another region label with `lefusion trainer-config`.")
+            for case in free:
+                for f in raw.case(case).images:
+                    check_finite_voxels(f, "image")
+        except LeFusionInputError as exc:
+            self.print_to_log_file(f"LeFusion: error: {exc}")
+            raise
+
     def _lefusion_bank(self, settings, train_keys: list[str]) -> _bank.SyntheticBank | None:
+        from lefusion_nnunet.data.config import DataConfig
+        from lefusion_nnunet.training.checkpoint import load_checkpoint_content
         from lefusion_nnunet.utils import sha256_file
 
-        labels = _bank.checkpoint_lesion_labels(settings.checkpoint)
+        data = DataConfig.from_dict(load_checkpoint_content(settings.checkpoint, expected_kind="lesion")["data_config"])
+        labels = tuple(int(v) for v in data.lesion_labels)
         free = _bank.lesion_free_cases(self.preprocessed_dataset_folder, train_keys, labels)
         if not free:
             return None
@@ -133,12 +166,15 @@ class LeFusionTrainer(nnUNetTrainer):
                 dataset_json=self.dataset_json, dataset_class=self.dataset_class,
                 log=lambda msg: self.print_to_log_file(msg))
 
+        root = join(self.preprocessed_dataset_folder_base, _bank.BANK_FOLDER)
+        if _bank.SyntheticBank.load(join(root, spec.key), spec.key) is None:  # a build is needed: check first
+            self._lefusion_validate(settings, data, free)
         barrier = None
         if self.is_ddp:
             from torch import distributed as dist
 
             barrier = dist.barrier
-        bank = _bank.ensure_bank(spec, join(self.preprocessed_dataset_folder_base, _bank.BANK_FOLDER), build,
+        bank = _bank.ensure_bank(spec, root, build,
                                  rank=self.local_rank, barrier=barrier,
                                  log=lambda msg: self.print_to_log_file(msg))
         empty_cache(self.device)

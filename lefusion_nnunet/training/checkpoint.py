@@ -24,6 +24,7 @@ from lefusion_nnunet.utils import atomic_write_bytes, sha256_file
 FORMAT = "lefusion-nnunet"
 FORMAT_VERSION = 1
 CHECKPOINT_KINDS = ("lesion", "mask")
+OUTER_KEYS = {"format", "format_version", "sha256", "payload"}
 # Keys a content dict may hold; anything else is rejected on load.
 REQUIRED_KEYS = {"kind", "model_config", "schedule_config", "data_config", "ema_state", "step"}
 OPTIONAL_KEYS = {"train_config", "model_state", "optimizer_state", "torch_rng", "numpy_rng", "prototypes",
@@ -76,10 +77,14 @@ def load_checkpoint_content(path: Path | str, expected_kind: str | None = None) 
         outer = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise LeFusionCheckpointError(f"checkpoint {path} cannot be read (truncated, or not a LeFusion "
-                                      f"checkpoint); use checkpoint_latest.pt or retrain.") from exc
+                                      f"checkpoint); restore the file or retrain with `lefusion train`.") from exc
     if not isinstance(outer, dict) or outer.get("format") != FORMAT:
         raise LeFusionCheckpointError(f"{path} is not a lefusion-nnunet checkpoint; pass a file written by "
                                       f"`lefusion train`.")
+    extra = sorted(str(k) for k in set(outer) - OUTER_KEYS)
+    if extra:
+        raise LeFusionCheckpointError(f"checkpoint {path} has unexpected entries {extra}; it was not written by "
+                                      f"lefusion-nnunet (or was modified), retrain or restore it.")
     version = outer.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise LeFusionCheckpointError(f"checkpoint {path} has format version {version}, newer than this "
@@ -96,11 +101,16 @@ def load_checkpoint_content(path: Path | str, expected_kind: str | None = None) 
     except Exception as exc:
         raise LeFusionCheckpointError(f"checkpoint {path} holds objects that cannot be loaded safely; it was "
                                       f"not written by lefusion-nnunet.") from exc
-    unknown = set(content) - REQUIRED_KEYS - OPTIONAL_KEYS
-    missing = REQUIRED_KEYS - set(content)
+    if not isinstance(content, dict):
+        raise LeFusionCheckpointError(f"checkpoint {path} holds no content dictionary; it was not written by "
+                                      f"lefusion-nnunet.")
+    unknown = sorted(map(str, set(content) - REQUIRED_KEYS - OPTIONAL_KEYS))
+    missing = sorted(REQUIRED_KEYS - set(content))
     if unknown or missing:
-        raise LeFusionCheckpointError(f"checkpoint {path} has unexpected keys {sorted(unknown)} or misses "
-                                      f"{sorted(missing)}; it was not written by this lefusion-nnunet.")
+        what = " and ".join(([f"unexpected keys {unknown}"] if unknown else [])
+                            + ([f"no {missing} entries"] if missing else []))
+        raise LeFusionCheckpointError(f"checkpoint {path} has {what}; it was not written by this lefusion-nnunet, "
+                                      f"retrain or restore it.")
     if expected_kind is not None and content["kind"] != expected_kind:
         raise LeFusionCheckpointError(f"checkpoint {path} is a {content['kind']!r} model but a "
                                       f"{expected_kind!r} model is needed here; pass the right --checkpoint.")

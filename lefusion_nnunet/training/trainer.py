@@ -32,7 +32,7 @@ from lefusion_nnunet.diffusion import (DenoiserConfig, LesionDenoiser, NoiseSche
                                        masked_epsilon_loss)
 from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
 from lefusion_nnunet.training.checkpoint import load_checkpoint_content, save_checkpoint
-from lefusion_nnunet.utils import resolve_device
+from lefusion_nnunet.utils import _friendly_os_error, atomic_write_bytes, resolve_device
 
 log = logging.getLogger(__name__)
 LATEST, FINAL, LOG, PLOT = "checkpoint_latest.pt", "checkpoint_final.pt", "training_log.jsonl", "loss.png"
@@ -93,13 +93,39 @@ def _prototypes(rois: LesionRoiSet, k: int, seed: int) -> list[dict]:
     return out
 
 
+def read_log_rows(log_file: Path) -> list[dict]:
+    """The rows of ``training_log.jsonl``; a line cut short by a crash (or otherwise unreadable) is skipped."""
+    rows = []
+    try:
+        text = log_file.read_text(errors="replace")
+    except FileNotFoundError:
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("loss"), (int, float)):
+            rows.append(row)
+    return rows
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Temporary files a killed run left behind (``.checkpoint_latest.pt.tmp-<pid>``, ``.loss.png.tmp.png``)."""
+    if not out_dir.is_dir():
+        return
+    for pattern in (f".{LATEST}.tmp-*", f".{FINAL}.tmp-*", f".{LOG}.tmp-*", f".{PLOT}.tmp*"):
+        for p in out_dir.glob(pattern):
+            p.unlink(missing_ok=True)
+
+
 def _plot_loss(log_file: Path, out_png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    rows = read_log_rows(log_file)
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -112,9 +138,14 @@ def _plot_loss(log_file: Path, out_png: Path) -> None:
     ax.legend()
     fig.tight_layout()
     tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out_png)
+    try:
+        fig.savefig(tmp)
+        tmp.replace(out_png)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _friendly_os_error(exc, out_png) from exc
+    finally:
+        plt.close(fig)
 
 
 @dataclass(frozen=True)
@@ -168,10 +199,24 @@ def build_data_config(dataset: RawDataset, lesion_labels: list[int], region_labe
                       file_ending=dataset.file_ending)
 
 
+def check_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A run folder is only reused with ``--resume`` (continue) or ``--overwrite`` (start over)."""
+    out_dir = Path(out_dir)
+    latest = out_dir / LATEST
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LeFusionInputError(f"run folder {out_dir} is a file; pass -o with a folder path.")
+    if not resume and not overwrite and (latest.exists() or (out_dir / FINAL).exists()):
+        raise LeFusionInputError(f"{out_dir} already holds a training run; pass --resume to continue it, "
+                                 f"--overwrite to start over, or -o for another folder.")
+    if resume and not latest.exists() and (out_dir / FINAL).exists():
+        raise LeFusionInputError(f"--resume was given but {latest} does not exist (only {FINAL}, so that run "
+                                 f"finished); pass --overwrite to start over or -o for another folder.")
+
+
 def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: Path, config: TrainConfig,
                        roi: RoiGeometry, region_label: int | None = None, intensity: IntensitySpace | None = None,
                        channel: int = 0, resume: bool = False, overwrite: bool = False,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, check=None) -> Path:
     """Train a lesion model; returns the path of ``checkpoint_final.pt``.
 
     Args:
@@ -180,25 +225,39 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
         out_dir: run folder.
         roi: model grid (size and spacing, z, y, x).
         intensity: None -> derived from the training lesions (CT window) or per-case percentiles (MR).
-        resume: continue from ``out_dir/checkpoint_latest.pt``.
+        resume: continue from ``out_dir/checkpoint_latest.pt`` (a run killed before its first checkpoint
+            starts from step 0).
         overwrite: allow starting over in a folder that already holds checkpoints.
+        check: the result of :func:`lefusion_nnunet.validation.validate_dataset` when the caller already
+            validated the dataset (else it is validated here, before anything is written).
     """
+    from lefusion_nnunet.validation import validate_dataset
+
     out_dir = Path(out_dir)
     latest = out_dir / LATEST
-    if not resume and not overwrite and (latest.exists() or (out_dir / FINAL).exists()):
-        raise LeFusionInputError(f"{out_dir} already holds a training run; pass --resume to continue it, "
-                                 f"--overwrite to start over, or -o for another folder.")
-    if resume and not latest.exists():
-        raise LeFusionInputError(f"--resume was given but {latest} does not exist; run without --resume.")
+    lesion_labels = [int(v) for v in lesion_labels]
+    check_run_folder(out_dir, resume, overwrite)
+    if check is None:
+        check = validate_dataset(dataset, lesion_labels, region_label, channel, need_lesions=True, roi=roi)
     dist_ctx, device = init_distributed(resolve_device(config.device))
     progress = progress and dist_ctx.is_main
-    state = load_checkpoint_content(latest, expected_kind="lesion") if resume else None
+    if resume and not latest.exists():
+        log.warning("--resume: %s holds no checkpoint yet (the run stopped before its first one); starting "
+                    "from step 0", out_dir)
+    state = load_checkpoint_content(latest, expected_kind="lesion") if resume and latest.exists() else None
     if state is not None:
         saved = DataConfig.from_dict(state["data_config"])
         if saved.dataset_name != dataset.name or list(saved.lesion_labels) != list(lesion_labels):
             raise LeFusionCheckpointError(f"{latest} was trained on {saved.dataset_name} labels "
                                           f"{list(saved.lesion_labels)}, not {dataset.name} labels {lesion_labels}; "
                                           f"use another -o folder.")
+        if saved.channel != int(channel) or saved.region_label != region_label:
+            raise LeFusionCheckpointError(f"{latest} was trained with --channel {saved.channel} and --region-label "
+                                          f"{saved.region_label}, not --channel {channel} and --region-label "
+                                          f"{region_label}; resume with the same options or use another -o folder.")
+        if "train_config" not in state or "model_state" not in state or "optimizer_state" not in state:
+            raise LeFusionCheckpointError(f"{latest} holds no training state (model, optimiser) to resume from; "
+                                          f"pass --overwrite to start over.")
         intensity, roi = saved.intensity, saved.roi
         config = TrainConfig.from_dict({**state["train_config"], "steps": config.steps, "device": config.device})
     rois = collect_lesion_rois(dataset, lesion_labels, roi, intensity, channel, progress=progress)
@@ -215,9 +274,13 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step = 0
     if state is not None:
-        model.load_state_dict(state["model_state"])
-        ema.load_state_dict(state["ema_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
+        try:
+            model.load_state_dict(state["model_state"])
+            ema.load_state_dict(state["ema_state"])
+            optimizer.load_state_dict(state["optimizer_state"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise LeFusionCheckpointError(f"the weights in {latest} do not fit the {config.preset!r} model it "
+                                          f"records; pass --overwrite to start over.") from exc
         step = int(state["step"])
     model.to(device).train()
     ema.to(device).eval().requires_grad_(False)
@@ -227,16 +290,23 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
     if dist_ctx.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    created = not out_dir.exists()
     log_file = out_dir / LOG
-    if not dist_ctx.is_main:
-        pass
-    elif state is None:
-        log_file.write_text("")
-    else:  # drop log lines written after the checkpoint we resume from
-        keep = [ln for ln in log_file.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step] \
-            if log_file.exists() else []
-        log_file.write_text("".join(ln + "\n" for ln in keep))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if dist_ctx.is_main:
+            _remove_stale_temporaries(out_dir)
+            # a fresh log, or the log up to the checkpoint we resume from (rows after it are replayed)
+            keep = [r for r in read_log_rows(log_file) if r["step"] <= step] if state is not None else []
+            atomic_write_bytes(log_file, "".join(json.dumps(r) + "\n" for r in keep).encode())
+    except OSError as exc:
+        raise _friendly_os_error(exc, out_dir) from exc
+    except LeFusionInputError:
+        if created:
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
     images = torch.from_numpy(rois.images)                                  # (N, Z, Y, X) model space
     masks = torch.from_numpy(rois.class_masks)                              # (N, C, Z, Y, X) bool
@@ -261,7 +331,10 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
     t_last, step_last = time.perf_counter(), step
     deadline = time.perf_counter() + 60 * config.max_minutes if config.max_minutes else float("inf")
     summary["world_size"] = dist_ctx.world_size
-    logf = log_file.open("a") if dist_ctx.is_main else None
+    try:
+        logf = log_file.open("a") if dist_ctx.is_main else None
+    except OSError as exc:
+        raise _friendly_os_error(exc, log_file) from exc
     try:
         while step < config.steps and not _stop(deadline, dist_ctx):
             rng, gen = step_generators(config.seed, dist_ctx.rank, step)
@@ -300,12 +373,29 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
                 t_last, step_last = now, step
             if dist_ctx.is_main and (step % config.checkpoint_every == 0 or last):
                 checkpoint(latest)
+        if dist_ctx.is_main:
+            checkpoint(out_dir / FINAL)
+    except OSError as exc:  # e.g. the log line could not be written: disk full
+        raise _friendly_os_error(exc, log_file) from exc
+    except LeFusionInputError:
+        # a checkpoint could not be written (its temporary file is already removed); a run folder this call
+        # created and that holds no checkpoint is partial output: remove it
+        if created and not latest.exists() and dist_ctx.is_main:
+            import shutil
+
+            if logf is not None:
+                logf.close()
+                logf = None
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     finally:
+        bar.close()
         if logf is not None:
-            logf.close()
-    bar.close()
+            try:
+                logf.close()
+            except OSError:
+                pass
     if dist_ctx.is_main:
-        checkpoint(out_dir / FINAL)
         _plot_loss(log_file, out_dir / PLOT)
     if dist_ctx.world_size > 1:
         import torch.distributed as dist
