@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lefusion_nnunet.errors import LeFusionInputError
 
@@ -51,3 +52,29 @@ def xyz_to_zyx(values, what: str, kind=float) -> tuple:
     if len(values) != 3:
         raise LeFusionInputError(f"{what} takes three numbers X Y Z.")
     return tuple(kind(v) for v in values[::-1])
+
+
+def add_variant_args(p: argparse.ArgumentParser, per_case_help: str) -> None:
+    """How synthetic lesions are shaped and placed: shared by `enlarge` and `trainer-config`."""
+    g = p.add_argument_group("lesion masks and placement")
+    g.add_argument("--per-case", type=int, default=2, help=f"{per_case_help} (default: 2)")
+    g.add_argument("--mask-source", choices=["ellipsoid", "real"], default="ellipsoid",
+                   help="lesion shapes: random ellipsoids or real masks from labelled cases (default: ellipsoid)")
+    g.add_argument("--size-mm", type=float, nargs=2, default=[8.0, 20.0], metavar=("MIN", "MAX"),
+                   help="equivalent-sphere diameter range in mm (default: 8 20)")
+    g.add_argument("--boundary", type=float, default=0.3, help="0 smooth ... 1 irregular (default: 0.3)")
+    region = g.add_mutually_exclusive_group()
+    region.add_argument("--region-label", type=int, default=None,
+                        help="label lesions must lie in (default: the checkpoint's region label, else the body)")
+    region.add_argument("--region-masks", type=Path, default=None, help="folder with one region mask per case")
+
+
+def variant_settings_from_args(args: argparse.Namespace):
+    """VariantSettings from the flags of :func:`add_variant_args` and :func:`add_sampler`."""
+    from lefusion_nnunet.variants import VariantSettings
+
+    return VariantSettings(per_case=args.per_case, mask_source=args.mask_source, size_mm=tuple(args.size_mm),
+                           region_label=args.region_label,
+                           region_masks_dir=str(args.region_masks) if args.region_masks else None,
+                           textures=tuple(args.texture or ("random",)), boundary=args.boundary,
+                           sampler=sampler_overrides(args), guidance_scale=args.guidance, seed=args.seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lefusion_nnunet.cli.common import add_device, add_sampler, add_seed, sampler_overrides
+from lefusion_nnunet.cli.common import add_device, add_sampler, add_seed, add_variant_args, variant_settings_from_args
 
 
 def register(sub) -> None:
@@ -34,18 +34,9 @@ def register(sub) -> None:
     e.add_argument("-o", "--output", required=True, help="destination dataset id or name (e.g. 502)")
     e.add_argument("--checkpoint", type=Path, default=None, help="lesion checkpoint (default: the one "
                    "`lefusion train` wrote for the source dataset)")
-    e.add_argument("--per-case", type=int, default=2, help="synthetic variants per source case (default: 2)")
     e.add_argument("--cases-from", choices=["lesion-free", "all"], default="lesion-free",
                    help="which source cases receive lesions (default: lesion-free)")
-    e.add_argument("--mask-source", choices=["ellipsoid", "real"], default="ellipsoid",
-                   help="lesion shapes: random ellipsoids or real masks from labelled cases (default: ellipsoid)")
-    e.add_argument("--size-mm", type=float, nargs=2, default=[8.0, 20.0], metavar=("MIN", "MAX"),
-                   help="equivalent-sphere diameter range in mm (default: 8 20)")
-    e.add_argument("--boundary", type=float, default=0.3, help="0 smooth ... 1 irregular (default: 0.3)")
-    region = e.add_mutually_exclusive_group()
-    region.add_argument("--region-label", type=int, default=None,
-                        help="label lesions must lie in (default: the checkpoint's region label, else the body)")
-    region.add_argument("--region-masks", type=Path, default=None, help="folder with one region mask per case")
+    add_variant_args(e, "synthetic variants per source case")
     e.add_argument("--copy-originals", action="store_true", help="copy the source cases instead of referencing them")
     e.add_argument("--resume", action="store_true", help="finish an interrupted run")
     e.add_argument("--overwrite", action="store_true", help="replace an existing destination dataset")
@@ -68,17 +59,6 @@ def run_phantom(args: argparse.Namespace) -> int:
     folder = generate_chest_phantom(out, args.id, args.name, PhantomConfig(**kwargs), overwrite=args.overwrite)
     print(f"dataset: {folder}")
     return 0
-
-
-def variant_settings_from_args(args: argparse.Namespace):
-    """VariantSettings from the mask/texture/sampler flags shared by `enlarge` and `trainer-config`."""
-    from lefusion_nnunet.variants import VariantSettings
-
-    return VariantSettings(per_case=args.per_case, mask_source=args.mask_source, size_mm=tuple(args.size_mm),
-                           region_label=args.region_label,
-                           region_masks_dir=str(args.region_masks) if getattr(args, "region_masks", None) else None,
-                           textures=tuple(args.texture or ("random",)), boundary=args.boundary,
-                           sampler=sampler_overrides(args), guidance_scale=args.guidance, seed=args.seed)
 
 
 def run_enlarge(args: argparse.Namespace) -> int:

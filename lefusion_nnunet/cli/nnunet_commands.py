@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lefusion_nnunet.cli.common import add_device, add_sampler, add_seed
+from lefusion_nnunet.cli.common import add_device, add_sampler, add_seed, add_variant_args, variant_settings_from_args
 
 
 def register(sub) -> None:
@@ -16,12 +16,7 @@ def register(sub) -> None:
     c.add_argument("--checkpoint", type=Path, default=None, help="lesion checkpoint (default: the dataset's)")
     c.add_argument("--probability", type=float, default=0.5,
                    help="chance that a lesion-free training case is replaced by a synthetic variant (default: 0.5)")
-    c.add_argument("--per-case", type=int, default=2, help="synthetic variants per lesion-free case (default: 2)")
-    c.add_argument("--mask-source", choices=["ellipsoid", "real"], default="ellipsoid")
-    c.add_argument("--size-mm", type=float, nargs=2, default=[8.0, 20.0], metavar=("MIN", "MAX"))
-    c.add_argument("--boundary", type=float, default=0.3)
-    c.add_argument("--region-label", type=int, default=None)
-    c.add_argument("--region-masks", type=Path, default=None)
+    add_variant_args(c, "synthetic variants per lesion-free training case")
     c.add_argument("--overwrite", action="store_true", help="replace an existing lefusion_trainer.json")
     add_sampler(c)
     add_device(c)
@@ -39,7 +34,6 @@ def register(sub) -> None:
 
 
 def run_trainer_config(args: argparse.Namespace) -> int:
-    from lefusion_nnunet.cli.data_commands import variant_settings_from_args
     from lefusion_nnunet.data.config import DataConfig
     from lefusion_nnunet.data.dataset import dataset_folder_name, load_raw_dataset
     from lefusion_nnunet.integration.trainer_settings import TrainerSettings, write_trainer_settings
