@@ -457,7 +457,7 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
                              cases_written=len(synthetic), originals=len(src.cases), skipped=dict(skipped),
                              warnings=dict(warned), seconds_per_lesion=(t_synth / n_made) if n_made else None,
                              resumed_cases=resumed, copied_originals=copy_originals, notes=notes)
-    log.info("%s", summary.format())
+    log.debug("%s", summary.format())  # the CLI prints it
     return summary
 
 

@@ -1,9 +1,10 @@
 """Synthetic variants: one path for ``lefusion enlarge``, the nnU-Net trainer's bank and the demo.
 
 For each source case and each ``k < per_case`` a lesion mask is made (random ellipsoid or a transformed real
-lesion, :mod:`lefusion_nnunet.data.masks`), placed so that every lesion voxel lies inside the allowed region
-(host label, user region mask, or the body) and off existing lesions, capped so it fits the model ROI, and
-inpainted by :class:`lefusion_nnunet.synthesis.LesionSynthesizer`. The synthetic case is the source case with
+lesion, :mod:`lefusion_nnunet.data.masks`, or a sample of a lesion mask model, :mod:`lefusion_nnunet.mask_diffusion`),
+placed so that every lesion voxel lies inside the allowed region (host label, user region mask, or the body) and off
+existing lesions - at a random valid place or as near as possible to ``center_mm`` - capped so it fits the model ROI,
+and inpainted by :class:`lefusion_nnunet.synthesis.LesionSynthesizer`. The synthetic case is the source case with
 only the model channel changed, and only inside the lesion; its label is the source label with the lesion
 class values written inside each class mask.
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:  # the real class; tests may pass an object with the same attr
 
 log = logging.getLogger(__name__)
 
-MASK_SOURCES = ("real", "ellipsoid")
+MASK_SOURCES = ("real", "ellipsoid", "diffusion")
 SAMPLER_FIELDS = ("name", "num_steps", "eta", "jump_length", "jump_n_sample", "resample_steps")
 #: Synthetic case ids are ``f"{source}{SYNTHETIC_INFIX}{k:03d}"``.
 SYNTHETIC_INFIX = "_lefusion"
@@ -49,12 +50,17 @@ class VariantSettings:
 
     Attributes:
         per_case: K variants per source case.
-        mask_source: ``"ellipsoid"`` (random smooth ellipsoids) or ``"real"`` (transformed real lesions).
+        mask_source: ``"ellipsoid"`` (random smooth ellipsoids), ``"real"`` (transformed real lesions) or
+            ``"diffusion"`` (samples of a lesion mask model, ``lefusion train-mask``).
         size_mm: equivalent-sphere diameter range ``(min, max)`` in mm, drawn uniformly.
         region_label: label the lesion must lie in; None -> the checkpoint's region label -> the body.
         region_masks_dir: folder with one mask per case (``CASE + file_ending``); overrides ``region_label``.
         textures: ``--texture`` items (``random``, ``cluster:K``, ``file:PATH``, or ``LABEL=SPEC`` per class).
-        boundary: 0 = smooth ... 1 = irregular ellipsoid surface.
+        boundary: 0 = smooth ... 1 = irregular: the ellipsoid surface perturbation; for diffusion masks the
+            post-processing (size-dependent smoothing vs. surface perturbation) and the irregularity condition.
+        mask_checkpoint: mask model for ``"diffusion"``; None -> the dataset's newest ``train-mask`` run.
+        center_mm: lesion centre in world coordinates ``(x, y, z)`` mm (as ITK/SimpleITK report positions);
+            the lesion goes as near to it as the allowed region permits. None -> a random valid place.
         sampler: SamplerConfig fields overriding the checkpoint's defaults (e.g. ``{"num_steps": 10}``).
         guidance_scale: classifier-free guidance weight.
         seed: the seed every random choice derives from.
@@ -70,6 +76,8 @@ class VariantSettings:
     sampler: dict = field(default_factory=dict)
     guidance_scale: float = 1.0
     seed: int = 0
+    mask_checkpoint: str | None = None
+    center_mm: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.per_case, int) or self.per_case < 1:
@@ -91,12 +99,24 @@ class VariantSettings:
             raise LeFusionInputError(f"unknown sampler setting(s) {unknown}; use {', '.join(SAMPLER_FIELDS)}.")
         if float(self.guidance_scale) < 0:
             raise LeFusionInputError(f"--guidance {self.guidance_scale} must be >= 0.")
+        if self.mask_checkpoint is not None:
+            object.__setattr__(self, "mask_checkpoint", str(self.mask_checkpoint))
+        if self.center_mm is not None:
+            try:
+                center = tuple(float(v) for v in self.center_mm)
+            except (TypeError, ValueError):
+                center = ()
+            if len(center) != 3 or not all(math.isfinite(v) for v in center):
+                raise LeFusionInputError(f"--center {self.center_mm} must be three numbers X Y Z (world mm).")
+            object.__setattr__(self, "center_mm", center)
 
     def to_dict(self) -> dict:
         return {"per_case": self.per_case, "mask_source": self.mask_source, "size_mm": list(self.size_mm),
                 "region_label": self.region_label, "region_masks_dir": self.region_masks_dir,
                 "textures": list(self.textures), "boundary": float(self.boundary), "sampler": dict(self.sampler),
-                "guidance_scale": float(self.guidance_scale), "seed": int(self.seed)}
+                "guidance_scale": float(self.guidance_scale), "seed": int(self.seed),
+                "mask_checkpoint": self.mask_checkpoint,
+                "center_mm": None if self.center_mm is None else list(self.center_mm)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "VariantSettings":
@@ -105,7 +125,9 @@ class VariantSettings:
                    region_label=None if d.get("region_label") is None else int(d["region_label"]),
                    region_masks_dir=d.get("region_masks_dir"), textures=tuple(d.get("textures", ("random",))),
                    boundary=float(d.get("boundary", 0.3)), sampler=dict(d.get("sampler", {})),
-                   guidance_scale=float(d.get("guidance_scale", 1.0)), seed=int(d.get("seed", 0)))
+                   guidance_scale=float(d.get("guidance_scale", 1.0)), seed=int(d.get("seed", 0)),
+                   mask_checkpoint=d.get("mask_checkpoint"),
+                   center_mm=None if d.get("center_mm") is None else tuple(d["center_mm"]))
 
 
 @dataclass
@@ -169,6 +191,18 @@ def voxel_to_world(index_zyx, properties: dict) -> list[float]:
     return [round(float(v), 4) for v in np.asarray(geo["origin"], np.float64) + direction @ (idx_xyz * spacing)]
 
 
+def world_to_voxel(point_xyz_mm, properties: dict) -> np.ndarray:
+    """The inverse of :func:`voxel_to_world`: a world position (x, y, z mm) -> float voxel index (z, y, x)."""
+    geo = properties.get("sitk_stuff")
+    if geo is None:
+        raise LeFusionInputError("--center needs the image geometry (origin, spacing, direction), which this "
+                                 "image reader does not report; give the lesion mask instead.")
+    spacing = np.asarray(geo["spacing"], np.float64)
+    direction = np.asarray(geo["direction"], np.float64).reshape(3, 3)
+    rel = np.asarray(point_xyz_mm, np.float64) - np.asarray(geo["origin"], np.float64)
+    return (np.linalg.solve(direction, rel) / spacing)[::-1]
+
+
 @dataclass
 class _CaseContext:
     case_id: str
@@ -210,6 +244,20 @@ class _VariantMaker:
         self.guidance = float(getattr(synth, "guidance_scale", settings.guidance_scale))
         self.checkpoint_sha = getattr(synth.checkpoint, "file_sha256", None)
         self.device = getattr(synth, "device", "cpu")
+        self._mask_generator = None
+
+    @property
+    def mask_generator(self):
+        """The lesion mask model (``mask_source == "diffusion"``), loaded on first use."""
+        if self._mask_generator is None:
+            from lefusion_nnunet.mask_diffusion import MaskGenerator, check_mask_checkpoint_matches
+            from lefusion_nnunet.paths import find_default_checkpoint
+
+            path = self.settings.mask_checkpoint or find_default_checkpoint(self.dataset.name, kind="mask")
+            generator = MaskGenerator(path, device=self.device)
+            check_mask_checkpoint_matches(generator.data, self.data, path)
+            self._mask_generator = generator
+        return self._mask_generator
 
     @property
     def library(self) -> MaskLibrary:
@@ -258,37 +306,76 @@ class _VariantMaker:
         masks[cls] = shape
         return masks, {"class": self.lesion_labels[cls]}
 
+    def _center_voxel(self, ctx: _CaseContext, k: int) -> np.ndarray | None | VariantWarning:
+        """``settings.center_mm`` as a (z, y, x) voxel position of this case (None: random placement)."""
+        if self.settings.center_mm is None:
+            return None
+        center = world_to_voxel(self.settings.center_mm, ctx.volume.properties)
+        if (center < -0.5).any() or (center > np.asarray(ctx.volume.shape_zyx) - 0.5).any():
+            return VariantWarning(ctx.case_id, k, "--center lies outside the image",
+                                  f"{list(self.settings.center_mm)} mm is voxel {np.round(center, 1).tolist()} "
+                                  f"(z, y, x) "
+                                  f"of a {list(ctx.volume.shape_zyx)} volume")
+        return center
+
+    def _shape_and_place(self, ctx: _CaseContext, k: int, rng: np.random.Generator, center) \
+            -> tuple[np.ndarray, dict, float, int] | VariantWarning:
+        """Make a mask and put it in the case: ``(full (C, Z, Y, X) mask, info, diameter, tries)`` or a warning."""
+        s, spacing = self.settings, ctx.volume.spacing
+        requested = diameter = float(rng.uniform(*s.size_mm))
+        too_big = VariantWarning(ctx.case_id, k, "lesion does not fit the model ROI",
+                                 f"{requested:.1f} mm requested, ROI {self.data.roi.extent_mm.round(1).tolist()} mm")
+        if s.mask_source == "diffusion":
+            from lefusion_nnunet.synthesis import seeded_generator
+
+            gen = self.mask_generator
+            torch_gen = seeded_generator(s.seed, ctx.case_id, k, "mask")
+            for tries in range(_ROI_TRIES + 1):
+                made = gen.generate_in_case(ctx.allowed, spacing, diameter, s.boundary, rng, torch_gen,
+                                            center_zyx=center)
+                if made is None:
+                    return VariantWarning(ctx.case_id, k, "no valid position inside the allowed region",
+                                          f"{ctx.region}, {diameter:.1f} mm lesion")
+                if self._roi_fits(made.masks, spacing, margin=0.0):
+                    info = {**made.info, "checkpoint_sha256": gen.checkpoint.file_sha256}
+                    return made.masks, info, requested, tries
+                diameter *= _ROI_SHRINK
+            return too_big
+        masks, info = self._make_mask(rng, diameter, spacing)
+        tries = 0
+        while not self._roi_fits(masks, spacing):
+            tries += 1
+            if tries > _ROI_TRIES:
+                return too_big
+            diameter *= _ROI_SHRINK
+            masks, info = self._make_mask(rng, diameter, spacing)
+        offset = place_mask(masks, ctx.allowed, rng, center_zyx=center)
+        if offset is None:
+            return VariantWarning(ctx.case_id, k, "no valid position inside the allowed region",
+                                  f"{ctx.region}, {mask_equivalent_diameter(masks, spacing):.1f} mm lesion")
+        return paste_mask(masks, offset, ctx.volume.shape_zyx), info, requested, tries
+
     def plan(self, ctx: _CaseContext, k: int) -> _Plan | VariantWarning:
         from lefusion_nnunet.synthesis import seeded_rng
 
         s = self.settings
         if not ctx.allowed.any():
             return VariantWarning(ctx.case_id, k, "the allowed region is empty", ctx.region)
+        center = self._center_voxel(ctx, k)
+        if isinstance(center, VariantWarning):
+            return center
         rng = seeded_rng(s.seed, ctx.case_id, k)
         spacing = ctx.volume.spacing
-        requested = float(rng.uniform(*s.size_mm))
-        diameter = requested
-        masks, info = self._make_mask(rng, diameter, spacing)
-        tries = 0
-        while not self._roi_fits(masks, spacing):
-            tries += 1
-            if tries > _ROI_TRIES:
-                return VariantWarning(ctx.case_id, k, "lesion does not fit the model ROI",
-                                      f"{requested:.1f} mm requested, "
-                                      f"ROI {self.data.roi.extent_mm.round(1).tolist()} mm")
-            diameter *= _ROI_SHRINK
-            masks, info = self._make_mask(rng, diameter, spacing)
-        offset = place_mask(masks, ctx.allowed, rng)
-        if offset is None:
-            return VariantWarning(ctx.case_id, k, "no valid position inside the allowed region",
-                                  f"{ctx.region}, {mask_equivalent_diameter(masks, spacing):.1f} mm lesion")
-        full = paste_mask(masks, offset, ctx.volume.shape_zyx)
+        made = self._shape_and_place(ctx, k, rng, center)
+        if isinstance(made, VariantWarning):
+            return made
+        full, info, requested, tries = made
         if not self._roi_fits(full, spacing, margin=0.0):  # ROI origin rounding may shift by a voxel
             return VariantWarning(ctx.case_id, k, "lesion does not fit the model ROI", "after placement")
         texture = np.asarray(self.synth.texture_condition(list(self.specs), rng), np.float32)
         union = full.any(0)
         idx = np.argwhere(union)
-        center = (idx.min(0) + idx.max(0)) / 2.0
+        center_vox = (idx.min(0) + idx.max(0)) / 2.0
         volume = mask_volume_mm3(full, spacing)
         info = {
             "mask_source": s.mask_source, "mask": info,
@@ -296,9 +383,10 @@ class _VariantMaker:
             "diameter_mm": round(mask_equivalent_diameter(full, spacing), 4),
             "diameter_capped": tries > 0, "volume_mm3": round(volume, 4), "voxels": int(union.sum()),
             "class_voxels": {str(v): int(full[i].sum()) for i, v in enumerate(self.lesion_labels)},
-            "center_voxel_zyx": [float(v) for v in center],
-            "center_world_xyz_mm": voxel_to_world(center, ctx.volume.properties),
-            "offset_zyx": [int(v) for v in offset], "allowed_region": ctx.region}
+            "center_voxel_zyx": [float(v) for v in center_vox],
+            "center_world_xyz_mm": voxel_to_world(center_vox, ctx.volume.properties),
+            "requested_center_world_xyz_mm": None if s.center_mm is None else list(s.center_mm),
+            "offset_zyx": [int(v) for v in idx.min(0)], "allowed_region": ctx.region}
         return _Plan(ctx.case_id, k, full, texture, [str(sp) for sp in self.specs], info)
 
     def capped_warning(self, p: _Plan) -> VariantWarning | None:
@@ -368,7 +456,8 @@ def make_variants(synth: "LesionSynthesizer", dataset: RawDataset, case_ids: lis
     ``done`` are not redone; a chunk with nothing left yields ``([], [])``.
 
     Raises:
-        LeFusionInputError: unknown case, bad region label / mask folder, no real masks for ``"real"``.
+        LeFusionInputError: unknown case, bad region label / mask folder, no real masks for ``"real"``, no or a
+            mismatched mask checkpoint for ``"diffusion"``.
     """
     case_ids = [str(c) for c in case_ids]  # plain str: seeds hash repr(case id), and numpy strings repr differently
     if len(set(case_ids)) != len(case_ids):
@@ -378,6 +467,8 @@ def make_variants(synth: "LesionSynthesizer", dataset: RawDataset, case_ids: lis
         dataset.case(c)  # fail early on unknown ids
     if settings.mask_source == "real" and any(c not in done for c in case_ids):
         maker.library  # noqa: B018 - build it (and fail) before any work
+    if settings.mask_source == "diffusion" and any(c not in done for c in case_ids):
+        maker.mask_generator  # noqa: B018 - load it (and fail on a missing/mismatched checkpoint) first
     done = {str(c) for c in done}
     for chunk in variant_chunks(case_ids, settings.per_case, synth.batch_size):
         todo = [c for c in chunk if c not in done]

@@ -132,7 +132,8 @@ def test_settings_roundtrip_and_validation():
                         boundary=0.7, sampler={"num_steps": 5}, guidance_scale=2.0, seed=9)
     d = json.loads(json.dumps(s.to_dict()))
     assert VariantSettings.from_dict(d) == s
-    for bad in (dict(per_case=0), dict(mask_source="diffusion"), dict(size_mm=(9, 5)), dict(boundary=2.0),
+    for bad in (dict(per_case=0), dict(mask_source="gan"), dict(size_mm=(9, 5)), dict(boundary=2.0),
+                dict(center_mm=(1.0, 2.0)), dict(center_mm=(1.0, 2.0, float("nan"))),
                 dict(textures=("clusters",)), dict(sampler={"steps": 3}), dict(guidance_scale=-1)):
         with pytest.raises(LeFusionInputError):
             VariantSettings(**bad)

@@ -56,14 +56,11 @@ def xyz_to_zyx(values, what: str, kind=float) -> tuple:
 
 def add_variant_args(p: argparse.ArgumentParser, per_case_help: str) -> None:
     """How synthetic lesions are shaped and placed: shared by `enlarge` and `trainer-config`."""
-    g = p.add_argument_group("lesion masks and placement")
-    g.add_argument("--per-case", type=int, default=2, help=f"{per_case_help} (default: 2)")
-    g.add_argument("--mask-source", choices=["ellipsoid", "real"], default="ellipsoid",
-                   help="lesion shapes: random ellipsoids or real masks from labelled cases (default: ellipsoid)")
-    g.add_argument("--size-mm", type=float, nargs=2, default=[8.0, 20.0], metavar=("MIN", "MAX"),
-                   help="equivalent-sphere diameter range in mm (default: 8 20)")
-    g.add_argument("--boundary", type=float, default=0.3, help="0 smooth ... 1 irregular (default: 0.3)")
-    region = g.add_mutually_exclusive_group()
+    from lefusion_nnunet.cli.mask_commands import add_mask_control_flags
+
+    p.add_argument("--per-case", type=int, default=2, help=f"{per_case_help} (default: 2)")
+    add_mask_control_flags(p)
+    region = p.add_mutually_exclusive_group()
     region.add_argument("--region-label", type=int, default=None,
                         help="label lesions must lie in (default: the checkpoint's region label, else the body)")
     region.add_argument("--region-masks", type=Path, default=None, help="folder with one region mask per case")
@@ -71,10 +68,10 @@ def add_variant_args(p: argparse.ArgumentParser, per_case_help: str) -> None:
 
 def variant_settings_from_args(args: argparse.Namespace):
     """VariantSettings from the flags of :func:`add_variant_args` and :func:`add_sampler`."""
+    from lefusion_nnunet.cli.mask_commands import mask_settings_from_args
     from lefusion_nnunet.variants import VariantSettings
 
-    return VariantSettings(per_case=args.per_case, mask_source=args.mask_source, size_mm=tuple(args.size_mm),
-                           region_label=args.region_label,
+    return VariantSettings(per_case=args.per_case, region_label=args.region_label,
                            region_masks_dir=str(args.region_masks) if args.region_masks else None,
-                           textures=tuple(args.texture or ("random",)), boundary=args.boundary,
-                           sampler=sampler_overrides(args), guidance_scale=args.guidance, seed=args.seed)
+                           textures=tuple(args.texture or ("random",)), sampler=sampler_overrides(args),
+                           guidance_scale=args.guidance, seed=args.seed, **mask_settings_from_args(args))

@@ -13,8 +13,11 @@ def register(sub) -> None:
                                    "body, lungs (label 1), vessels, noise, and nodules (label 2) of three textures "
                                    "(ground-glass, solid, part-solid), plus lesion-free cases.")
     p.add_argument("-o", "--output", type=Path, default=None, help="raw folder (default: $nnUNet_raw)")
-    p.add_argument("--id", type=int, default=501, help="dataset id (default: 501)")
-    p.add_argument("--name", default="LeFusionChestPhantom", help="dataset name (default: LeFusionChestPhantom)")
+    p.add_argument("--kind", choices=["chest", "cardiac"], default="chest",
+                   help="chest: CT lung nodules (default); cardiac: MR-like myocardium (label 2) with infarct (3) "
+                        "and microvascular obstruction (4), two lesion classes")
+    p.add_argument("--id", type=int, default=None, help="dataset id (default: 501 chest, 511 cardiac)")
+    p.add_argument("--name", default=None, help="dataset name (default: LeFusionChestPhantom / LeFusionCardiacPhantom)")
     p.add_argument("--cases", type=int, default=16, help="number of cases (default: 16)")
     p.add_argument("--lesion-free-fraction", type=float, default=0.375,
                    help="fraction of cases without nodules (default: 0.375)")
@@ -49,14 +52,21 @@ def register(sub) -> None:
 def run_phantom(args: argparse.Namespace) -> int:
     from lefusion_nnunet.cli.common import xyz_to_zyx
     from lefusion_nnunet.data.dataset import env_folder
-    from lefusion_nnunet.data.phantom import PhantomConfig, generate_chest_phantom
 
+    if args.kind == "cardiac":
+        from lefusion_nnunet.data.phantom_cardiac import CardiacPhantomConfig as Config
+        from lefusion_nnunet.data.phantom_cardiac import generate_cardiac_phantom as generate
+        dataset_id, name = args.id or 511, args.name or "LeFusionCardiacPhantom"
+    else:
+        from lefusion_nnunet.data.phantom import PhantomConfig as Config
+        from lefusion_nnunet.data.phantom import generate_chest_phantom as generate
+        dataset_id, name = args.id or 501, args.name or "LeFusionChestPhantom"
     out = args.output or env_folder("nnUNet_raw")
     kwargs = dict(num_cases=args.cases, lesion_free_fraction=args.lesion_free_fraction,
                   file_ending=args.file_ending, seed=args.seed)
     if args.shape:
         kwargs["shape_zyx"] = xyz_to_zyx(args.shape, "--shape", int)
-    folder = generate_chest_phantom(out, args.id, args.name, PhantomConfig(**kwargs), overwrite=args.overwrite)
+    folder = generate(out, dataset_id, name, Config(**kwargs), overwrite=args.overwrite)
     print(f"dataset: {folder}")
     return 0
 

@@ -9,10 +9,10 @@ import logging
 import sys
 
 from lefusion_nnunet import __version__
-from lefusion_nnunet.cli import data_commands, demo, nnunet_commands, synthesize, train
+from lefusion_nnunet.cli import data_commands, demo, mask_commands, nnunet_commands, synthesize, train
 from lefusion_nnunet.errors import LeFusionInputError
 
-COMMAND_MODULES = (data_commands, train, synthesize, nnunet_commands, demo)
+COMMAND_MODULES = (data_commands, train, mask_commands, synthesize, nnunet_commands, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,12 @@ Two mask sources feed :mod:`lefusion_nnunet.variants`:
 
 Placement (:func:`place_mask`) finds *every* offset at which *all* lesion voxels fall inside an allowed
 region (:func:`allowed_region`: a host-organ label, a user mask, or the body) by an FFT correlation of the
-forbidden region with the mask, and picks one at random.
+forbidden region with the mask, and picks one at random or the one nearest a requested centre.
+
+A third source, masks sampled from a lesion mask model (:mod:`lefusion_nnunet.mask_diffusion`), is generated in
+place instead: :func:`choose_center` / :func:`nearest_allowed_voxel` pick the centre, the mask is made on the
+model grid around it and mapped back with :func:`roi_mask_to_native`. :func:`surface_to_volume` and
+:func:`sphericity` measure boundary roughness.
 
 Conventions: arrays are ``(Z, Y, X)`` (class stacks ``(C, Z, Y, X)``), spacings ``(z, y, x)`` in mm,
 mask ``True`` = lesion. Randomness comes only from the ``numpy.random.Generator`` passed in.
@@ -479,3 +484,102 @@ def paste_mask(mask_czyx: np.ndarray, offset_zyx: Sequence[int], shape_zyx: Sequ
         raise ValueError(f"mask of shape {mask.shape[1:]} at offset {o} leaves the volume {tuple(shape_zyx)}")
     out[(slice(None),) + sl] = mask
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# location control and the model grid <-> native grid for generated masks
+def nearest_allowed_voxel(allowed_zyx: np.ndarray, center_zyx: Sequence[float],
+                          spacing_zyx: Spacing) -> np.ndarray | None:
+    """The voxel of ``allowed`` nearest (in mm) to ``center_zyx`` (voxel coordinates, may lie outside the
+    volume); None when ``allowed`` is empty."""
+    allowed = np.asarray(allowed_zyx, bool)
+    idx = np.argwhere(allowed)
+    if len(idx) == 0:
+        return None
+    sp = _check_spacing(spacing_zyx)
+    d = (((idx - np.asarray(center_zyx, np.float64)) * sp) ** 2).sum(1)
+    return idx[int(np.argmin(d))].astype(np.int64)
+
+
+def choose_center(allowed_zyx: np.ndarray, spacing_zyx: Spacing, radius_mm: float,
+                  rng: np.random.Generator) -> np.ndarray | None:
+    """A random lesion centre (voxel index) inside ``allowed``: uniform over the allowed voxels at least
+    ``min(radius_mm, 0.6 * deepest)`` mm from the region's border (``deepest`` = largest such distance), so
+    a lesion fits where the region is thick enough, and thin regions (a myocardial wall) use their middle.
+    None when ``allowed`` is empty."""
+    allowed = np.asarray(allowed_zyx, bool)
+    if not allowed.any():
+        return None
+    depth = ndimage.distance_transform_edt(allowed, sampling=_check_spacing(spacing_zyx))
+    need = min(float(radius_mm), 0.6 * float(depth.max()))
+    cand = np.flatnonzero(depth.ravel() >= need)
+    return np.asarray(np.unravel_index(int(cand[rng.integers(len(cand))]), allowed.shape), np.int64)
+
+
+def roi_mask_to_native(masks_czyx: np.ndarray, origin_zyx, native_spacing: Spacing, geometry,
+                       shape_zyx: Sequence[int]) -> np.ndarray:
+    """Resample masks made on a model grid (``geometry``, voxel 0 at native voxel ``origin_zyx``; see
+    :mod:`lefusion_nnunet.data.roi`) onto the native grid: bool ``(C, Z, Y, X)`` of ``shape_zyx``.
+
+    Each native voxel inside the ROI takes the linearly interpolated mask value at its model-grid position
+    (>= 0.5 = true); voxels outside the ROI are false. The inverse of ``roi.extract_roi_mask``.
+    """
+    masks = np.asarray(masks_czyx, bool)
+    if masks.ndim == 3:
+        masks = masks[None]
+    scale = np.asarray(geometry.spacing_zyx, np.float64) / _check_spacing(native_spacing)
+    origin = np.asarray(origin_zyx, np.float64)
+    size = np.asarray(geometry.size_zyx)
+    lo = np.maximum(np.floor(origin - 0.5 * scale).astype(int), 0)
+    hi = np.minimum(np.ceil(origin + (size - 0.5) * scale).astype(int) + 1, np.asarray(shape_zyx))
+    out = np.zeros((masks.shape[0], *[int(s) for s in shape_zyx]), bool)
+    if (hi <= lo).any():
+        return out
+    axes = [(np.arange(lo[a], hi[a]) - origin[a]) / scale[a] for a in range(3)]
+    grid = np.meshgrid(*axes, indexing="ij")
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    for c in range(masks.shape[0]):
+        if masks[c].any():
+            out[c][box] = ndimage.map_coordinates(masks[c].astype(np.float32), grid, order=1, mode="constant",
+                                                  cval=0.0) >= 0.5
+    return out
+
+
+def keep_largest_component(mask_zyx: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a bool mask (the mask itself if it has at most one)."""
+    mask = np.asarray(mask_zyx, bool)
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if n <= 1:
+        return mask.copy()
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# shape measures
+def surface_area_mm2(mask_zyx: np.ndarray, spacing_zyx: Spacing) -> float:
+    """Surface area (mm^2) of a bool mask: marching cubes at 0.5 on the zero-padded mask."""
+    from skimage.measure import marching_cubes, mesh_surface_area
+
+    m = np.asarray(mask_zyx, bool)
+    if m.ndim == 4:
+        m = m.any(0)
+    if not m.any():
+        return 0.0
+    m = crop_to_mask(m)
+    verts, faces, _, _ = marching_cubes(np.pad(m, 1).astype(np.float32), 0.5,
+                                        spacing=tuple(float(s) for s in _check_spacing(spacing_zyx)))
+    return float(mesh_surface_area(verts, faces))
+
+
+def surface_to_volume(mask_zyx: np.ndarray, spacing_zyx: Spacing) -> float:
+    """Surface area / volume in 1/mm (a sphere of radius r: 3 / r); 0 for an empty mask."""
+    v = mask_volume_mm3(mask_zyx, spacing_zyx)
+    return surface_area_mm2(mask_zyx, spacing_zyx) / v if v > 0 else 0.0
+
+
+def sphericity(mask_zyx: np.ndarray, spacing_zyx: Spacing) -> float:
+    """``pi^(1/3) (6 V)^(2/3) / A``: 1 for a ball, smaller for elongated or irregular shapes."""
+    v = mask_volume_mm3(mask_zyx, spacing_zyx)
+    a = surface_area_mm2(mask_zyx, spacing_zyx)
+    return float(math.pi ** (1 / 3) * (6 * v) ** (2 / 3) / a) if a > 0 else 0.0

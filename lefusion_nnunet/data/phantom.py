@@ -48,6 +48,8 @@ __all__ = [
     "phantom_dataset_name",
     "make_phantom_case",
     "generate_chest_phantom",
+    "write_raw_dataset",
+    "write_case_files",
 ]
 
 #: Nodule texture names, in round-robin order.
@@ -649,6 +651,48 @@ def generate_chest_phantom(raw_root: Path | str, dataset_id: int = 501, name: st
     """
     if not isinstance(config, PhantomConfig):
         raise LeFusionInputError(f"config must be a PhantomConfig, got {type(config).__name__}.")
+    ds_name = phantom_dataset_name(dataset_id, name)
+
+    def fill(partial: Path) -> None:
+        origin = _origin_xyz(config)
+        ending = config.file_ending
+        cases = []
+        for plan in _plan(config):
+            case = _render_case(config, plan)
+            image_rel, label_rel = write_case_files(partial, case.case_id, case.image, case.label,
+                                                    config.spacing_zyx, origin, ending)
+            cases.append({"case_id": case.case_id, "has_lesion": case.has_lesion, "image": image_rel,
+                          "label": label_rel, "nodules": [n.to_dict() for n in case.nodules]})
+        _write_dataset_json(partial, config, ds_name)
+        manifest = {"format_version": 1, "generator": "lefusion_nnunet.data.phantom", "dataset": ds_name,
+                    "config": config.to_dict(), "labels": dict(LABELS), "textures": list(TEXTURES),
+                    "axis_order": "center_zyx is a voxel index (z, y, x); diameter_mm in mm; mean_hu in HU",
+                    "cases": cases}
+        (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    return write_raw_dataset(raw_root, dataset_id, name, fill, overwrite)
+
+
+# =================================================================================================
+# shared by every phantom kind (chest here, cardiac in phantom_cardiac.py)
+# =================================================================================================
+def write_case_files(folder: Path, case_id: str, image: np.ndarray, label: np.ndarray, spacing_zyx: Spacing,
+                     origin_xyz: tuple[float, float, float], ending: str) -> tuple[str, str]:
+    """Write ``imagesTr/<case>_0000<ending>`` and ``labelsTr/<case><ending>``; returns both relative paths."""
+    image_rel = f"imagesTr/{case_id}_0000{ending}"
+    label_rel = f"labelsTr/{case_id}{ending}"
+    sitk.WriteImage(_sitk_image(image, spacing_zyx, origin_xyz), str(folder / image_rel), useCompression=True)
+    sitk.WriteImage(_sitk_image(label, spacing_zyx, origin_xyz), str(folder / label_rel), useCompression=True)
+    return image_rel, label_rel
+
+
+def write_raw_dataset(raw_root: Path | str, dataset_id: int, name: str, fill, overwrite: bool = False) -> Path:
+    """Build ``<raw_root>/Dataset{id:03d}_{name}`` atomically: ``fill(partial_folder)`` writes the content
+    (``imagesTr`` and ``labelsTr`` exist already) into a sibling ``.partial`` folder that is then moved into place.
+
+    Refuses an existing folder unless ``overwrite``, and always refuses another folder with the same id.
+    Write failures become :class:`LeFusionInputError` and leave nothing behind.
+    """
     raw_root = Path(raw_root)
     ds_name = phantom_dataset_name(dataset_id, name)
     final = raw_root / ds_name
@@ -666,25 +710,7 @@ def generate_chest_phantom(raw_root: Path | str, dataset_id: int = 501, name: st
             shutil.rmtree(partial)
         (partial / "imagesTr").mkdir(parents=True)
         (partial / "labelsTr").mkdir()
-        origin = _origin_xyz(config)
-        ending = config.file_ending
-        cases = []
-        for plan in _plan(config):
-            case = _render_case(config, plan)
-            image_rel = f"imagesTr/{case.case_id}_0000{ending}"
-            label_rel = f"labelsTr/{case.case_id}{ending}"
-            sitk.WriteImage(_sitk_image(case.image, config.spacing_zyx, origin), str(partial / image_rel),
-                            useCompression=True)
-            sitk.WriteImage(_sitk_image(case.label, config.spacing_zyx, origin), str(partial / label_rel),
-                            useCompression=True)
-            cases.append({"case_id": case.case_id, "has_lesion": case.has_lesion, "image": image_rel,
-                          "label": label_rel, "nodules": [n.to_dict() for n in case.nodules]})
-        _write_dataset_json(partial, config, ds_name)
-        manifest = {"format_version": 1, "generator": "lefusion_nnunet.data.phantom", "dataset": ds_name,
-                    "config": config.to_dict(), "labels": dict(LABELS), "textures": list(TEXTURES),
-                    "axis_order": "center_zyx is a voxel index (z, y, x); diameter_mm in mm; mean_hu in HU",
-                    "cases": cases}
-        (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        fill(partial)
         if final.exists():
             if not overwrite:  # appeared while we were building
                 raise LeFusionInputError(f"dataset folder {final} appeared while the phantom was being written; "
