@@ -793,7 +793,7 @@ def markdown_table(result: dict) -> str:
     from lefusion_nnunet.evaluation import format_mean_std
 
     seeds = result["config"]["seeds"]
-    lines = [f"| arm | training cases (real + synthetic) | lesion Dice | pooled Dice | sensitivity | FP / case |",
+    lines = ["| arm | training cases (real + synthetic) | lesion Dice | pooled Dice | sensitivity | FP / case |",
              "| --- | --- | --- | --- | --- | --- |"]
     textures = result.get("textures") or []
     for arm in result["config"]["arms"]:

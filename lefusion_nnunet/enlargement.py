@@ -19,9 +19,16 @@
 The dataset is built in a hidden sibling ``.Dataset502_XLeFusion.partial`` and moved into place when
 complete. A progress journal in that folder (written atomically after each chunk) lets ``resume=True``
 finish an interrupted run with byte-identical results.
+
+Under ``torchrun --nproc_per_node N`` the fixed chunks of source cases (:func:`variant_chunks`) are dealt out
+to the ranks round-robin (each rank on its own GPU when there are GPUs); every rank writes its cases and its
+own journal (``lefusion_progress.rank<R>.json``) into the one partial folder, and rank 0 merges the journals
+and finishes the dataset. Every case's randomness depends only on its id, so the output is byte-identical to a
+single-process run, and a sharded run can be resumed with any number of ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,14 +38,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from lefusion_nnunet.data.dataset import RawDataset, env_folder, load_raw_dataset
 from lefusion_nnunet.data.io import read_image, read_label, write_image_channel, write_label
+from lefusion_nnunet.distributed import init_distributed
 from lefusion_nnunet.errors import LeFusionInputError
-from lefusion_nnunet.utils import _friendly_os_error, atomic_directory, atomic_write_json
+from lefusion_nnunet.utils import _friendly_os_error, atomic_directory, atomic_write_json, resolve_device
 from lefusion_nnunet.validation import check_checkpoint_fits, check_finite_voxels, validate_dataset
 from lefusion_nnunet.variants import (SyntheticCase, VariantSettings, VariantWarning, make_variants,
                                       synthetic_case_id, variant_chunks)
@@ -53,6 +61,8 @@ JOURNAL_NAME = "lefusion_progress.json"
 PROVENANCE_NAME = "lefusion_provenance.json"
 MONTAGE_NAME = "lefusion_montage.png"
 JOURNAL_VERSION = 1
+#: How long a rank waits for the slowest one of a sharded run (uneven shards on a big dataset).
+SHARD_TIMEOUT_MINUTES = 24 * 60
 MONTAGE_ROWS = 24
 _NAME_RE = re.compile(r"Dataset(\d{3})_(\w+)")
 
@@ -173,17 +183,37 @@ def _case_files(folder: Path, case_id: str, n_channels: int, ending: str) -> lis
         [folder / "labelsTr" / f"{case_id}{ending}"]
 
 
+def _rank_journal_name(rank: int) -> str:
+    return JOURNAL_NAME if rank == 0 else JOURNAL_NAME.replace(".json", f".rank{rank}.json")
+
+
+def _merge_journals(journal: dict, other: dict) -> None:
+    """Add the cases another rank completed to ``journal`` (in place)."""
+    for part in ("written", "provenance", "warnings"):
+        journal[part].update(other[part])
+    journal["completed"] = sorted(set(journal["completed"]) | set(other["completed"]))
+
+
 def _load_journal(partial: Path, key: dict, n_channels: int, ending: str) -> dict | None:
+    """The journal of an interrupted run (rank journals of a sharded run merged in); ``None`` if there is none."""
     path = partial / JOURNAL_NAME
     if not path.is_file():
         return None
-    try:
-        journal = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    journal = None
+    for f in [path] + sorted(partial.glob(JOURNAL_NAME.replace(".json", ".rank*.json"))):
+        try:
+            part = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if part.get("version") != JOURNAL_VERSION or part.get("key") != key:
+            raise LeFusionInputError(f"the interrupted run in {partial} used other settings, source cases or "
+                                     f"checkpoint; rerun with the same options, or without --resume to start over.")
+        if journal is None:
+            journal = part
+        else:
+            _merge_journals(journal, part)
+    if journal is None:
         return None
-    if journal.get("version") != JOURNAL_VERSION or journal.get("key") != key:
-        raise LeFusionInputError(f"the interrupted run in {partial} used other settings, source cases or checkpoint; "
-                                 f"rerun with the same options, or without --resume to start over.")
     completed = []
     for case in journal["completed"]:
         ids = journal["written"].get(case, [])
@@ -333,6 +363,8 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
     dst_name = destination_name(destination, src.name)
     dst = _check_destination(dst_name, src, raw_root, overwrite)
     partial = dst.with_name(f".{dst.name}.partial")
+    own_device = resolve_device(device) if synthesizer is None else str(getattr(synthesizer, "device", "cpu"))
+    ctx, device = init_distributed(own_device, timeout_minutes=SHARD_TIMEOUT_MINUTES)
     synth = (synthesizer if synthesizer is not None
              else _build_synthesizer(src, checkpoint, settings, batch_size, device))
     data = synth.checkpoint.data
@@ -368,26 +400,34 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
     key = _journal_key(src, settings, getattr(synth.checkpoint, "file_sha256", None), cases_from, case_ids,
                        copy_originals)
     journal = None
-    if resume and partial.is_dir():
-        journal = _load_journal(partial, key, n_channels, src.file_ending)
-        _remove_unjournaled_files(partial, journal, n_channels, src.file_ending)
-    elif partial.exists():
-        shutil.rmtree(partial)
-    if journal is None:
-        journal = {"version": JOURNAL_VERSION, "key": key, "completed": [], "written": {}, "provenance": {},
-                   "warnings": {}}
-    resumed = len(journal["completed"])
+    if ctx.is_main:  # a sharded run: rank 0 alone prepares the partial folder
+        if resume and partial.is_dir():
+            journal = _load_journal(partial, key, n_channels, src.file_ending)
+            _remove_unjournaled_files(partial, journal, n_channels, src.file_ending)
+        elif partial.exists():
+            shutil.rmtree(partial)
+        if journal is None:
+            journal = {"version": JOURNAL_VERSION, "key": key, "completed": [], "written": {}, "provenance": {},
+                       "warnings": {}}
     notes: list[str] = []
     t_synth, n_made = 0.0, 0
 
-    with atomic_directory(dst, overwrite=overwrite, keep_partial=True) as tmp:
-        (tmp / "imagesTr").mkdir(exist_ok=True)
-        (tmp / "labelsTr").mkdir(exist_ok=True)
-        atomic_write_json(tmp / JOURNAL_NAME, journal)
-        done = set(journal["completed"])
+    with atomic_directory(dst, overwrite=overwrite, keep_partial=True) if ctx.is_main else _existing(partial) as tmp:
+        if ctx.is_main:
+            (tmp / "imagesTr").mkdir(exist_ok=True)
+            (tmp / "labelsTr").mkdir(exist_ok=True)
+            atomic_write_json(tmp / JOURNAL_NAME, journal)
+            for f in tmp.glob(JOURNAL_NAME.replace(".json", ".rank*.json")):  # merged into the journal above
+                f.unlink()
+        journal = ctx.broadcast_from_main(journal)  # also: the partial folder exists for every rank from here
+        resumed = len(journal["completed"])
+        journal_name = _rank_journal_name(ctx.rank)
         chunks = variant_chunks(case_ids, settings.per_case, synth.batch_size)
-        bar = tqdm(total=len(case_ids), initial=len(done), desc=f"enlarging {src.name}", unit="case",
-                   disable=not progress)
+        others = {c for i, chunk in enumerate(chunks) if i % ctx.world_size != ctx.rank for c in chunk}
+        done = set(journal["completed"]) | others  # cases this rank does not (re)make
+        bar = tqdm(total=len(case_ids) - len(others), initial=len(done - others), unit="case",
+                   desc=f"enlarging {src.name}" + (f" (rank {ctx.rank}/{ctx.world_size})" if ctx.active else ""),
+                   disable=not progress or not ctx.is_main)
         try:
             gen = make_variants(synth, src, case_ids, settings, progress=False, done=done)
             for chunk in chunks:
@@ -408,11 +448,23 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
                 for case in cases:
                     journal["provenance"][case.case_id] = case.provenance
                 journal["completed"] = sorted(set(journal["completed"]) | set(todo))
-                atomic_write_json(tmp / JOURNAL_NAME, journal)
+                atomic_write_json(tmp / journal_name, journal)
                 done.update(todo)
                 bar.update(len(todo))
         finally:
             bar.close()
+        shards = ctx.gather_to_main((journal, t_synth, n_made))
+        if not ctx.is_main:  # rank 0 assembles the dataset and moves it into place
+            summary = ctx.broadcast_from_main(None)
+            ctx.shutdown()
+            return summary
+        for other, t_other, n_other in shards[1:]:
+            _merge_journals(journal, other)
+            t_synth, n_made = max(t_synth, t_other), n_made + n_other  # ranks run side by side
+        if ctx.active:
+            atomic_write_json(tmp / JOURNAL_NAME, journal)
+            for f in tmp.glob(JOURNAL_NAME.replace(".json", ".rank*.json")):
+                f.unlink()
 
         provenance = dict(sorted(journal["provenance"].items()))
         synthetic = sorted(provenance)
@@ -440,7 +492,7 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
             "format": "lefusion-nnunet enlarge", "version": 1, "source_dataset": src.name,
             "destination_dataset": dst_name, "cases_from": cases_from,
             "originals": "copied" if copy_originals else "referenced",
-            "settings": settings.to_dict(),
+            "method": getattr(synth, "method", "lefusion"), "settings": settings.to_dict(),
             "checkpoint": {"sha256": key["checkpoint_sha256"],
                            "file": Path(checkpoint_path).name if checkpoint_path else None,
                            "data": data.to_dict()},
@@ -458,7 +510,15 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
                              warnings=dict(warned), seconds_per_lesion=(t_synth / n_made) if n_made else None,
                              resumed_cases=resumed, copied_originals=copy_originals, notes=notes)
     log.debug("%s", summary.format())  # the CLI prints it
+    ctx.broadcast_from_main(summary)
+    ctx.shutdown()
     return summary
+
+
+@contextlib.contextmanager
+def _existing(folder: Path) -> Iterator[Path]:
+    """The partial folder as seen by ranks other than 0 (rank 0 creates, finishes and moves it)."""
+    yield folder
 
 
 __all__ = ["enlarge", "EnlargeSummary", "destination_name", "VariantWarning"]

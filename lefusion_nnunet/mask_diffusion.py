@@ -64,7 +64,8 @@ from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
 from lefusion_nnunet.training.checkpoint import load_checkpoint_content, save_checkpoint
 from lefusion_nnunet.training.trainer import (FINAL, LATEST, LOG, PLOT, TrainConfig, _plot_loss,
                                               _remove_stale_temporaries, _version, build_data_config,
-                                              check_run_folder, ema_decay_at, read_log_rows, step_generators)
+                                              check_run_folder, init_training_state, optimizer_step, read_log_rows,
+                                              step_generators)
 from lefusion_nnunet.utils import _friendly_os_error, atomic_write_bytes, resolve_device, sha256_file
 
 log = logging.getLogger(__name__)
@@ -248,25 +249,7 @@ def train_mask_model(dataset: RawDataset, lesion_labels: Sequence[int], out_dir:
     C = len(lesion_labels)
     model_config = DenoiserConfig.from_preset(config.preset, image_channels=C, hist_bins=MASK_FEATURES)
     schedule_config = ScheduleConfig(num_train_timesteps=config.num_train_timesteps)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = LesionDenoiser(model_config)
-    ema = LesionDenoiser(model_config)
-    ema.load_state_dict(model.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    step = 0
-    if state is not None:
-        try:
-            model.load_state_dict(state["model_state"])
-            ema.load_state_dict(state["ema_state"])
-            optimizer.load_state_dict(state["optimizer_state"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise LeFusionCheckpointError(f"the weights in {latest} do not fit the {config.preset!r} model it "
-                                          f"records; pass --overwrite to start over.") from exc
-        step = int(state["step"])
-    model.to(device).train()
-    ema.to(device).eval().requires_grad_(False)
-    model.to(memory_format=torch.channels_last_3d)
+    model, ema, optimizer, step = init_training_state(model_config, config, state, latest, device)
     schedule = NoiseSchedule(schedule_config).to(device)
     log_file = out_dir / LOG
     try:
@@ -313,14 +296,7 @@ def train_mask_model(dataset: RawDataset, lesion_labels: Sequence[int], out_dir:
                 x_t = schedule.add_noise(x0, noise, t).contiguous(memory_format=torch.channels_last_3d)
                 eps = model(x_t, t, sphere, region.expand_as(x0), feats[idx].to(device), drop_cond=drop)
                 loss = F.mse_loss(eps.float(), noise)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                with torch.no_grad():
-                    d = ema_decay_at(step, config.ema_decay)
-                    for p_ema, p in zip(ema.parameters(), model.parameters()):
-                        p_ema.lerp_(p, 1 - d)
+                optimizer_step(loss, model, ema, optimizer, config, step)
                 step += 1
                 bar.update(1)
                 last = step == config.steps or time.perf_counter() >= deadline

@@ -105,6 +105,9 @@ class LesionSynthesizer:
         batch_size: ROIs per network call.
     """
 
+    #: How lesions are made (recorded in provenance; the copy-paste baseline says ``"copy-paste"``).
+    method = "lefusion"
+
     def __init__(self, checkpoint: LoadedCheckpoint | str | Path, device: str = "auto",
                  sampler: SamplerConfig | None = None, guidance_scale: float = 1.0, batch_size: int = 4):
         self.device = resolve_device(device)

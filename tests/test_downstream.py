@@ -209,30 +209,42 @@ def test_copy_paste_texture_picks_nearest_lesion(small_phantom):
     assert dark.values[dark.union].mean() <= bright.values[bright.union].mean()
 
 
-def test_copy_paste_through_enlarge(small_phantom, nnunet_env):
-    """make_variants / enlarge use the copy-paste synthesizer unchanged; background bit-identical on disk."""
+def test_copy_paste_through_enlarge_cli(small_phantom, nnunet_env, capsys):
+    """`lefusion enlarge --method copy-paste` goes through make_variants / enlarge unchanged: background
+    bit-identical on disk, lesions only inside the host region, the method recorded in the provenance."""
+    from lefusion_nnunet.cli.main import main
     from lefusion_nnunet.copy_paste import CopyPasteSynthesizer
     from lefusion_nnunet.data.io import read_image, read_label
-    from lefusion_nnunet.enlargement import PROVENANCE_NAME, enlarge
-    from lefusion_nnunet.variants import VariantSettings
+    from lefusion_nnunet.enlargement import PROVENANCE_NAME
 
-    synth = CopyPasteSynthesizer.from_dataset(small_phantom, [2], region_label=1)
-    summary = enlarge(small_phantom.folder, "Dataset732_CopyPasteOut", synthesizer=synth, progress=False,
-                      settings=VariantSettings(per_case=1, mask_source="real", region_label=1, size_mm=(8.0, 12.0)))
-    prov = json.loads((summary.destination / PROVENANCE_NAME).read_text())["synthetic_cases"]
-    assert prov and summary.cases_written == len(prov)
+    common = ["enlarge", "-d", str(small_phantom.folder), "--mask-source", "real", "--region-label", "1",
+              "--per-case", "1", "--size-mm", "8", "12"]
+    # copy-paste options with the LeFusion method, and copy-paste without labels or a checkpoint: one sentence, exit 2
+    for bad in (["-o", "733", "--lesion-label", "2"], ["-o", "733", "--method", "copy-paste"]):
+        assert main(common + bad) != 0
+        err = capsys.readouterr().err
+        assert "--lesion-label" in err and "Traceback" not in err
+    assert not list(nnunet_env["nnUNet_raw"].glob("Dataset733_*"))
+
+    assert main(common + ["-o", "732", "--method", "copy-paste", "--lesion-label", "2"]) == 0
+    (dest,) = nnunet_env["nnUNet_raw"].glob("Dataset732_*")
+    record = json.loads((dest / PROVENANCE_NAME).read_text())
+    assert record["method"] == "copy-paste"
+    prov = record["synthetic_cases"]
+    assert prov
+    fingerprint = CopyPasteSynthesizer.from_dataset(small_phantom, [2], region_label=1).checkpoint.file_sha256
     for case_id, p in prov.items():
         src = small_phantom.case(p["source_case"])
         before = read_image(src.images).array[0]
-        after = read_image([summary.destination / "imagesTr" / f"{case_id}_0000{small_phantom.file_ending}"]).array[0]
-        label, _ = read_label(summary.destination / "labelsTr" / f"{case_id}{small_phantom.file_ending}")
+        after = read_image([dest / "imagesTr" / f"{case_id}_0000{small_phantom.file_ending}"]).array[0]
+        label, _ = read_label(dest / "labelsTr" / f"{case_id}{small_phantom.file_ending}")
         old_label, _ = read_label(src.label)
         lesion = label == 2
         assert lesion.any() and not (old_label == 2).any()
         assert np.array_equal(before[~lesion], after[~lesion])
         assert (before[lesion] != after[lesion]).mean() > 0.9
         assert (old_label[lesion] == 1).all()                      # inside the lung
-        assert p["checkpoint_sha256"] == synth.checkpoint.file_sha256
+        assert p["checkpoint_sha256"] == fingerprint
 
 
 # --------------------------------------------------------------------------------------------------------

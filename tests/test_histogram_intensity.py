@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lefusion_nnunet.data.histogram import (Prototypes, TextureSpec, cluster_prototypes, histogram_distance,
+                                            histogram_emd,
                                             lesion_histogram, parse_texture, parse_textures, resolve_texture)
 from lefusion_nnunet.data.intensity import IntensitySpace, derive_ct_window
 from lefusion_nnunet.errors import LeFusionInputError
@@ -64,6 +65,13 @@ def test_texture_specs(tmp_path):
     with pytest.raises(LeFusionInputError, match="16 non-negative numbers"):
         resolve_texture(TextureSpec("file", path=str(f)), protos, train, rng)
     assert histogram_distance(np.eye(16)[0], np.eye(16)[1]) == 2.0
+    # EMD counts how many bins the mass moves; L1 cannot tell a 1-bin from a 10-bin shift
+    assert histogram_emd(np.eye(16)[0], np.eye(16)[1]) == pytest.approx(1.0)
+    assert histogram_emd(np.eye(16)[0], np.eye(16)[10]) == pytest.approx(10.0)
+    assert histogram_distance(np.eye(16)[0], np.eye(16)[10]) == 2.0
+    half = (np.eye(16)[3] + np.eye(16)[5]) / 2
+    assert histogram_emd(half, np.eye(16)[4]) == pytest.approx(1.0)
+    assert histogram_emd(half, half) == 0.0
 
 
 def test_intensity_spaces():

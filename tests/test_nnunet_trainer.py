@@ -5,7 +5,6 @@ Fast tests use a tiny nnU-Net dataset preprocessed once per session by nnU-Net i
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -288,9 +287,10 @@ def test_bank_key_changes_with_every_input(tiny):
     keys = {base.key}
     for change in (dict(checkpoint_sha256="c" * 64), dict(fold="1"), dict(configuration="3d_lowres"),
                    dict(plans_sha256="d" * 64), dict(case_ids=("case003",)), dict(lesion_labels=(1, 2)),
-                   dict(variants=variants_mod.VariantSettings(per_case=3).to_dict())):
+                   dict(variants=variants_mod.VariantSettings(per_case=3).to_dict()),
+                   dict(mask_checkpoint_sha256="e" * 64), dict(mask_checkpoint_sha256="f" * 64)):
         keys.add(_spec(tiny, **change).key)
-    assert len(keys) == 8
+    assert len(keys) == 10
     assert _spec(tiny, case_ids=("case004", "case003")).key == base.key  # sorted case list
     assert base.key.startswith("3d_fullres_fold0_")
 

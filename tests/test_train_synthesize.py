@@ -17,7 +17,7 @@ from lefusion_nnunet.data.phantom import PhantomConfig, generate_chest_phantom
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.diffusion import SamplerConfig
 from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
-from lefusion_nnunet.synthesis import LesionRequest, LesionSynthesizer, load_lesion_checkpoint, seeded_generator
+from lefusion_nnunet.synthesis import LesionRequest, LesionSynthesizer, seeded_generator
 from lefusion_nnunet.training.checkpoint import FORMAT, load_checkpoint_content
 from lefusion_nnunet.training.trainer import TrainConfig, train_lesion_model
 

@@ -304,6 +304,32 @@ def test_interrupted_run_resumes_byte_identical(env):
     assert not partial.exists()
 
 
+def test_resume_merges_the_journals_of_a_sharded_run(env):
+    """A sharded run killed midway leaves rank 0's journal plus one per other rank; resuming (with any number
+    of ranks) merges them, redoes nothing that was done and ends byte-identical to an uninterrupted run."""
+    settings = VariantSettings(per_case=2, size_mm=(4, 7), seed=5)
+    dst = env.raw / "Dataset602_ToyLeFusion"
+    enlarge(601, 602, settings=settings, synthesizer=FakeSynth(toy_data_config()), progress=False)
+    reference = _hashes(dst)
+    shutil.rmtree(dst)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        enlarge(601, 602, settings=settings, synthesizer=FakeSynth(toy_data_config(), fail_on_call=3), progress=False)
+    partial = env.raw / ".Dataset602_ToyLeFusion.partial"
+    journal = json.loads((partial / "lefusion_progress.json").read_text())
+    assert len(journal["completed"]) == 2
+    moved = journal["completed"].pop()                    # pretend rank 1 made the second case
+    written = journal["written"].pop(moved)
+    rank1 = {**journal, "completed": [moved], "written": {moved: written},
+             "provenance": {s: journal["provenance"].pop(s) for s in written},
+             "warnings": {moved: journal["warnings"].pop(moved, [])}}
+    (partial / "lefusion_progress.json").write_text(json.dumps(journal))
+    (partial / "lefusion_progress.rank1.json").write_text(json.dumps(rank1))
+    resumed = FakeSynth(toy_data_config())
+    summary = enlarge(601, 602, settings=settings, synthesizer=resumed, resume=True, progress=False)
+    assert summary.resumed_cases == 2 and resumed.requests == 6
+    assert _hashes(dst) == reference                      # no rank journal left in the output either
+
+
 def test_enlarge_copy_originals_and_all_cases(env):
     summary = enlarge(601, 605, settings=VariantSettings(per_case=1, size_mm=(4, 5)), cases_from="all",
                       copy_originals=True, synthesizer=FakeSynth(toy_data_config()), progress=False)

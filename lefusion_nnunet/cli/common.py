@@ -15,6 +15,21 @@ def add_seed(p: argparse.ArgumentParser, default: int = 0) -> None:
     p.add_argument("--seed", type=int, default=default, help=f"random seed (default: {default})")
 
 
+def add_training_run_args(p: argparse.ArgumentParser) -> None:
+    """Options every diffusion training command shares (`lefusion train`, `lefusion train-mask`): how long,
+    how big a step, when to save, and what to do with an existing run folder; plus --device and --seed."""
+    p.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
+    p.add_argument("--batch-size", type=int, default=4, help="ROIs per step (default: 4)")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget: stop (and save) after this many minutes even if --steps is not reached")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default: 250)")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt in the run folder")
+    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a run")
+    add_device(p)
+    add_seed(p)
+
+
 def add_sampler(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", choices=["ddim", "repaint"], default=None,

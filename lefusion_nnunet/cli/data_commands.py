@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from lefusion_nnunet.cli.common import add_device, add_sampler, add_seed, add_variant_args, variant_settings_from_args
@@ -37,6 +38,13 @@ def register(sub) -> None:
     e.add_argument("-o", "--output", required=True, help="destination dataset id or name (e.g. 502)")
     e.add_argument("--checkpoint", type=Path, default=None, help="lesion checkpoint (default: the one "
                    "`lefusion train` wrote for the source dataset)")
+    e.add_argument("--method", choices=["lefusion", "copy-paste"], default="lefusion",
+                   help="how lesion masks are filled: the LeFusion model (default), or copy-paste of the labelled "
+                        "cases' real lesions with intensity transfer (baseline; use with --mask-source real)")
+    e.add_argument("--lesion-label", type=int, nargs="+", default=None,
+                   help="copy-paste: lesion label(s) to copy (default: the lesion checkpoint's)")
+    e.add_argument("--blend-mm", type=float, default=None,
+                   help="copy-paste: blending ramp inside the mask border in mm, 0 = hard paste (default: 1)")
     e.add_argument("--cases-from", choices=["lesion-free", "all"], default="lesion-free",
                    help="which source cases receive lesions (default: lesion-free)")
     add_variant_args(e, "synthetic variants per source case")
@@ -71,11 +79,47 @@ def run_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def copy_paste_synthesizer(args: argparse.Namespace):
+    """`--method copy-paste`: real lesions of the source dataset. Labels, ROI size cap and intensity space come from
+    the lesion checkpoint when one is given or found (a comparison with LeFusion then uses the same size cap),
+    else from --lesion-label."""
+    from lefusion_nnunet.copy_paste import CopyPasteSynthesizer
+    from lefusion_nnunet.data.config import DataConfig
+    from lefusion_nnunet.data.dataset import load_raw_dataset
+    from lefusion_nnunet.errors import LeFusionInputError
+    from lefusion_nnunet.paths import find_default_checkpoint
+    from lefusion_nnunet.training.checkpoint import load_checkpoint_content
+
+    from lefusion_nnunet.copy_paste import DEFAULT_BLEND_MM
+
+    src = load_raw_dataset(args.dataset)
+    path = args.checkpoint
+    if path is None and args.lesion_label is None:
+        try:
+            path = find_default_checkpoint(src.name)
+        except LeFusionInputError as exc:
+            raise LeFusionInputError("--method copy-paste needs --lesion-label (or a lesion checkpoint of the "
+                                     "dataset to take the labels from).") from exc
+    data = None
+    if path is not None and args.lesion_label is None:
+        data = DataConfig.from_dict(load_checkpoint_content(path, expected_kind="lesion")["data_config"])
+    return CopyPasteSynthesizer.from_dataset(src, args.lesion_label, region_label=args.region_label, data=data,
+                                             blend_mm=DEFAULT_BLEND_MM if args.blend_mm is None else args.blend_mm,
+                                             batch_size=args.batch_size)
+
+
 def run_enlarge(args: argparse.Namespace) -> int:
     from lefusion_nnunet.enlargement import enlarge
 
+    if args.method != "copy-paste" and (args.lesion_label is not None or args.blend_mm is not None):
+        from lefusion_nnunet.errors import LeFusionInputError
+
+        raise LeFusionInputError("--lesion-label and --blend-mm only apply to --method copy-paste; drop them (the "
+                                 "LeFusion method takes its lesion labels from the checkpoint).")
+    synthesizer = copy_paste_synthesizer(args) if args.method == "copy-paste" else None
     summary = enlarge(args.dataset, args.output, checkpoint=args.checkpoint, settings=variant_settings_from_args(args),
                       cases_from=args.cases_from, copy_originals=args.copy_originals, batch_size=args.batch_size,
-                      device=args.device, resume=args.resume, overwrite=args.overwrite)
-    print(summary.format())
+                      device=args.device, resume=args.resume, overwrite=args.overwrite, synthesizer=synthesizer)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary; print it once
+        print(summary.format())
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lefusion_nnunet.cli.common import add_device, add_seed, xyz_to_zyx
+from lefusion_nnunet.cli.common import add_device, add_seed, add_training_run_args, xyz_to_zyx
 
 MASK_SOURCE_CHOICES = ("ellipsoid", "real", "diffusion")
 
@@ -29,20 +29,11 @@ def register(sub) -> None:
                    help="model size: tiny (tests), small (CPU default), base (GPU)")
     p.add_argument("--lesion-checkpoint", type=Path, default=None,
                    help="lesion checkpoint whose ROI size, spacing and region label to use (recommended)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
-    p.add_argument("--batch-size", type=int, default=4, help="ROIs per step (default: 4)")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
     p.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="model ROI in voxels (default: the lesion checkpoint's, else 64 64 32)")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="model spacing in mm (default: the lesion checkpoint's, else the dataset's median spacing)")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="wall-clock budget: stop (and save) after this many minutes even if --steps is not reached")
-    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default: 250)")
-    p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt in the run folder")
-    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a run")
-    add_device(p)
-    add_seed(p)
+    add_training_run_args(p)
     p.set_defaults(func=run_train_mask)
     register_sample_mask(sub)
 

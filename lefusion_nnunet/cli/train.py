@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lefusion_nnunet.cli.common import add_device, add_seed, xyz_to_zyx
+from lefusion_nnunet.cli.common import add_training_run_args, xyz_to_zyx
 
 
 def register(sub) -> None:
@@ -21,9 +21,6 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", type=Path, default=None, help="run folder (default under $nnUNet_results)")
     p.add_argument("--preset", choices=["tiny", "small", "base"], default="small",
                    help="model size: tiny (tests), small (CPU default), base (GPU)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
-    p.add_argument("--batch-size", type=int, default=4, help="ROIs per step (default: 4)")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
     p.add_argument("--roi-size", type=int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
                    help="model ROI in voxels (default: 64 64 32)")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
@@ -32,13 +29,7 @@ def register(sub) -> None:
                    help="CT intensity window in HU mapped to [-1, 1] (default: chosen from the training lesions)")
     p.add_argument("--channel", type=int, default=0, help="image channel to learn (default: 0)")
     p.add_argument("--texture-clusters", type=int, default=3, help="histogram prototypes per class (default: 3)")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="wall-clock budget: stop (and save) after this many minutes even if --steps is not reached")
-    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default: 250)")
-    p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt in the run folder")
-    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a run")
-    add_device(p)
-    add_seed(p)
+    add_training_run_args(p)
     p.set_defaults(func=run)
 
 

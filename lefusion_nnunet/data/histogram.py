@@ -33,6 +33,16 @@ def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).sum())
 
 
+def histogram_emd(a: np.ndarray, b: np.ndarray) -> float:
+    """Earth mover's (1-D Wasserstein-1) distance between two normalised histograms over the same ordered bins,
+    in bins: how far intensity mass must move to turn one into the other.
+
+    Unlike L1 it respects the order of the bins: a ground-glass lesion whose peak sits half a bin lower is
+    near its prototype, while one that grows a solid core (mass several bins up) is far from it.
+    """
+    return float(np.abs(np.cumsum(np.asarray(a, np.float64) - np.asarray(b, np.float64))).sum())
+
+
 @dataclass(frozen=True)
 class Prototypes:
     """k-means prototypes of one lesion class: ``centers`` (K, bins), ``counts`` (K,) member counts."""

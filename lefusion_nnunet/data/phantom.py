@@ -90,8 +90,45 @@ Spacing = tuple[float, float, float]
 # =================================================================================================
 # configuration
 # =================================================================================================
+class PhantomConfigBase:
+    """What the chest and cardiac phantom configurations share: the lesion-free count, JSON round trip and
+    the checks of ``file_ending`` and ``seed``. Subclasses are frozen dataclasses with those fields."""
+
+    num_cases: int
+    lesion_free_fraction: float
+    file_ending: str
+    seed: int
+
+    def _check_common(self, fail) -> None:
+        if self.file_ending not in SUPPORTED_FILE_ENDINGS:
+            fail(f"file_ending is {self.file_ending!r} but must be one of {', '.join(SUPPORTED_FILE_ENDINGS)}")
+        if self.seed < 0:
+            fail(f"seed is {self.seed} but must be a non-negative integer")
+
+    @property
+    def num_lesion_free(self) -> int:
+        """Number of lesion-free cases (at least 1 of each kind when ``num_cases >= 2``)."""
+        n = int(round(self.lesion_free_fraction * self.num_cases))
+        if self.num_cases >= 2:
+            n = min(max(n, 1), self.num_cases - 1)
+        return min(max(n, 0), self.num_cases)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (plain ints, floats, strings and lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`LeFusionInputError`."""
+        fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise LeFusionInputError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(fields)}.")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class PhantomConfig:
+class PhantomConfig(PhantomConfigBase):
     """How to build a phantom dataset.
 
     Attributes:
@@ -151,32 +188,7 @@ class PhantomConfig:
             fail(f"nodule_diameter_mm is {d} but must be (min, max) in mm with 0 < min <= max")
         if not (math.isfinite(self.noise_hu) and self.noise_hu >= 0):
             fail(f"noise_hu is {self.noise_hu} but must be a non-negative number of HU")
-        if self.file_ending not in SUPPORTED_FILE_ENDINGS:
-            fail(f"file_ending is {self.file_ending!r} but must be one of {', '.join(SUPPORTED_FILE_ENDINGS)}")
-        if self.seed < 0:
-            fail(f"seed is {self.seed} but must be a non-negative integer")
-
-    @property
-    def num_lesion_free(self) -> int:
-        """Number of lesion-free cases (at least 1 of each kind when ``num_cases >= 2``)."""
-        n = int(round(self.lesion_free_fraction * self.num_cases))
-        if self.num_cases >= 2:
-            n = min(max(n, 1), self.num_cases - 1)
-        return min(max(n, 0), self.num_cases)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (plain ints, floats, strings and lists)."""
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PhantomConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`LeFusionInputError`."""
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise LeFusionInputError(f"unknown phantom configuration key(s) {unknown}; valid keys are "
-                                     f"{sorted(cls.__dataclass_fields__)}.")
-        return cls(**d)
+        self._check_common(fail)
 
 
 def _as_int(v: Any) -> int:

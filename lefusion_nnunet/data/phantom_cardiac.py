@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from lefusion_nnunet.data.phantom import (MANIFEST_NAME, SUPPORTED_FILE_ENDINGS, _as_int, _smooth_field,
+from lefusion_nnunet.data.phantom import (MANIFEST_NAME, PhantomConfigBase, _as_int, _smooth_field,
                                           phantom_dataset_name, write_case_files, write_raw_dataset)
 from lefusion_nnunet.errors import LeFusionInputError
 
@@ -60,7 +60,7 @@ _BLUR_PX = 0.5                 # in-plane partial-volume blur (pixels)
 
 
 @dataclass(frozen=True)
-class CardiacPhantomConfig:
+class CardiacPhantomConfig(PhantomConfigBase):
     """How to build a cardiac phantom dataset.
 
     Attributes:
@@ -119,28 +119,7 @@ class CardiacPhantomConfig:
             fail(f"gain_range is {g} but must be (min, max) with 0 < min <= max")
         if not (math.isfinite(self.noise) and self.noise >= 0):
             fail(f"noise is {self.noise} but must be a non-negative number")
-        if self.file_ending not in SUPPORTED_FILE_ENDINGS:
-            fail(f"file_ending is {self.file_ending!r} but must be one of {', '.join(SUPPORTED_FILE_ENDINGS)}")
-        if self.seed < 0:
-            fail(f"seed is {self.seed} but must be a non-negative integer")
-
-    @property
-    def num_lesion_free(self) -> int:
-        n = int(round(self.lesion_free_fraction * self.num_cases))
-        if self.num_cases >= 2:
-            n = min(max(n, 1), self.num_cases - 1)
-        return min(max(n, 0), self.num_cases)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CardiacPhantomConfig":
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise LeFusionInputError(f"unknown cardiac phantom configuration key(s) {unknown}; valid keys are "
-                                     f"{sorted(cls.__dataclass_fields__)}.")
-        return cls(**d)
+        self._check_common(fail)
 
 
 @dataclass

@@ -89,13 +89,17 @@ class BankSpec:
     plans_sha256: str
     lesion_labels: tuple[int, ...]
     case_ids: tuple[str, ...]
+    mask_checkpoint_sha256: str | None = None  # the mask model's, for mask_source "diffusion"
 
     def to_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "checkpoint_sha256": self.checkpoint_sha256,
-                "variants": _json_safe(self.variants), "fold": self.fold, "configuration": self.configuration,
-                "plans_name": self.plans_name, "data_identifier": self.data_identifier,
-                "plans_sha256": self.plans_sha256, "lesion_labels": list(self.lesion_labels),
-                "case_ids": sorted(self.case_ids)}
+        d = {"format_version": FORMAT_VERSION, "checkpoint_sha256": self.checkpoint_sha256,
+             "variants": _json_safe(self.variants), "fold": self.fold, "configuration": self.configuration,
+             "plans_name": self.plans_name, "data_identifier": self.data_identifier,
+             "plans_sha256": self.plans_sha256, "lesion_labels": list(self.lesion_labels),
+             "case_ids": sorted(self.case_ids)}
+        if self.mask_checkpoint_sha256 is not None:  # (absent otherwise: banks of other mask sources keep their key)
+            d["mask_checkpoint_sha256"] = self.mask_checkpoint_sha256
+        return d
 
     @property
     def key(self) -> str:

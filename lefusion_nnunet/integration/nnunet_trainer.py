@@ -144,12 +144,18 @@ class LeFusionTrainer(nnUNetTrainer):
         free = _bank.lesion_free_cases(self.preprocessed_dataset_folder, train_keys, labels)
         if not free:
             return None
+        mask_sha = None
+        if settings.variants.mask_source == "diffusion":  # a retrained mask model must rebuild the bank
+            from lefusion_nnunet.paths import find_default_checkpoint
+
+            mask_sha = sha256_file(settings.variants.mask_checkpoint
+                                   or find_default_checkpoint(self.plans_manager.dataset_name, kind="mask"))
         spec = _bank.BankSpec(
             checkpoint_sha256=sha256_file(settings.checkpoint), variants=settings.variants.to_dict(),
             fold=str(self.fold), configuration=self.configuration_name, plans_name=self.plans_manager.plans_name,
             data_identifier=self.configuration_manager.data_identifier,
             plans_sha256=_bank.plans_sha256(self.plans_manager.plans, self.configuration_name, self.dataset_json),
-            lesion_labels=labels, case_ids=tuple(free))
+            lesion_labels=labels, case_ids=tuple(free), mask_checkpoint_sha256=mask_sha)
         device = str(self.device) if settings.device == "auto" else settings.device
 
         def build(folder):

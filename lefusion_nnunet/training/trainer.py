@@ -30,6 +30,7 @@ from lefusion_nnunet.data.lesions import LesionRoiSet, collect_lesion_rois
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.diffusion import (DenoiserConfig, LesionDenoiser, NoiseSchedule, ScheduleConfig,
                                        masked_epsilon_loss)
+from lefusion_nnunet.distributed import DistributedContext, init_distributed
 from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
 from lefusion_nnunet.training.checkpoint import load_checkpoint_content, save_checkpoint
 from lefusion_nnunet.utils import _friendly_os_error, atomic_write_bytes, resolve_device
@@ -74,6 +75,47 @@ class TrainConfig:
 def ema_decay_at(step: int, decay: float) -> float:
     """EMA warm-up: short runs are not dominated by the random initialisation."""
     return min(decay, (1 + step) / (10 + step))
+
+
+def init_training_state(model_config: DenoiserConfig, config: TrainConfig, state: dict | None, source: Path,
+                        device: str) -> tuple[LesionDenoiser, LesionDenoiser, torch.optim.Optimizer, int]:
+    """The denoiser (seeded initial weights), its EMA copy and AdamW, restored from ``state`` (the content of
+    checkpoint ``source``) when resuming; returns ``(model, ema, optimizer, step)`` with both models on
+    ``device`` in channels-last-3d (faster Conv3d, notably the backward, on CPU and CUDA)."""
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the global RNG
+        torch.manual_seed(config.seed)
+        model = LesionDenoiser(model_config)
+    ema = LesionDenoiser(model_config)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    step = 0
+    if state is not None:
+        try:
+            model.load_state_dict(state["model_state"])
+            ema.load_state_dict(state["ema_state"])
+            optimizer.load_state_dict(state["optimizer_state"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise LeFusionCheckpointError(f"the weights in {source} do not fit the {config.preset!r} model it "
+                                          f"records; pass --overwrite to start over.") from exc
+        step = int(state["step"])
+    model.to(device, memory_format=torch.channels_last_3d).train()
+    ema.to(device, memory_format=torch.channels_last_3d).eval().requires_grad_(False)
+    return model, ema, optimizer, step
+
+
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, ema: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> None:
+    """Backward, gradient clipping, AdamW step and the EMA update (with warm-up) of one training step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        d = ema_decay_at(step, config.ema_decay)
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.lerp_(p, 1 - d)
+        for b_ema, b in zip(ema.buffers(), model.buffers()):
+            b_ema.copy_(b)
 
 
 class _Augment:
@@ -146,37 +188,6 @@ def _plot_loss(log_file: Path, out_png: Path) -> None:
         raise _friendly_os_error(exc, out_png) from exc
     finally:
         plt.close(fig)
-
-
-@dataclass(frozen=True)
-class DistributedContext:
-    """This process's place in a `torchrun` job (world_size 1 when run plainly)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> tuple[DistributedContext, str]:
-    """Join the process group when launched by `torchrun` (gloo on CPU, nccl on CUDA); returns the device."""
-    import os
-
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistributedContext(), device
-    ctx = DistributedContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device.startswith("cuda"):
-        device = f"cuda:{ctx.local_rank}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return ctx, device
 
 
 def step_generators(seed: int, rank: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -266,25 +277,7 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
     schedule_config = ScheduleConfig(num_train_timesteps=config.num_train_timesteps)
     prototypes = _prototypes(rois, config.texture_clusters, config.seed)
 
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the global RNG
-        torch.manual_seed(config.seed)
-        model = LesionDenoiser(model_config)
-    ema = LesionDenoiser(model_config)
-    ema.load_state_dict(model.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    step = 0
-    if state is not None:
-        try:
-            model.load_state_dict(state["model_state"])
-            ema.load_state_dict(state["ema_state"])
-            optimizer.load_state_dict(state["optimizer_state"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise LeFusionCheckpointError(f"the weights in {latest} do not fit the {config.preset!r} model it "
-                                          f"records; pass --overwrite to start over.") from exc
-        step = int(state["step"])
-    model.to(device).train()
-    ema.to(device).eval().requires_grad_(False)
-    model.to(memory_format=torch.channels_last_3d)  # faster Conv3d (notably backward) on CPU and CUDA
+    model, ema, optimizer, step = init_training_state(model_config, config, state, latest, device)
     schedule = NoiseSchedule(schedule_config).to(device)
     net = model
     if dist_ctx.world_size > 1:
@@ -351,16 +344,7 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 eps = net(x_t, t, x0 * (1 - union), class_masks, cond, drop_cond=drop)
             loss = masked_epsilon_loss(eps.float(), noise, class_masks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            with torch.no_grad():
-                d = ema_decay_at(step, config.ema_decay)
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - d)
-                for b_ema, b in zip(ema.buffers(), model.buffers()):
-                    b_ema.copy_(b)
+            optimizer_step(loss, model, ema, optimizer, config, step)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -397,11 +381,7 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
                 pass
     if dist_ctx.is_main:
         _plot_loss(log_file, out_dir / PLOT)
-    if dist_ctx.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    dist_ctx.shutdown()
     return out_dir / FINAL
 
 
