@@ -3,10 +3,10 @@
 Trains the `small` preset on the chest phantom within a CPU budget, then synthesises lesions into the
 lesion-free cases through the same path as `lefusion enlarge` (`lefusion_nnunet.variants.make_variants`),
 asking for each prototype in turn (`--texture cluster:K`). A sample counts as a hit when the 16-bin histogram
-of its generated voxels (model space) is nearer to the requested prototype than to every other one. The
-distance is the earth mover's distance over the ordered intensity bins (`histogram_emd`: how far intensity
-mass must move, so a solid core counts and a half-bin shift of a peak hardly does); the L1 score is reported
-alongside (`score_l1`). Both samplers are scored: the fast default (DDIM) and the paper-faithful RePaint
+of its generated voxels (model space) is nearer (L1, `histogram_distance`) to the requested prototype than to
+every other one (`score`). The same score with the earth mover's distance over the ordered intensity bins
+(`histogram_emd`: how far intensity mass must move, so a solid core counts and a half-bin shift of a peak hardly
+does) is reported alongside (`score_emd`). Both samplers are scored: the fast default (DDIM) and the paper-faithful RePaint
 (T=300, j=r=2).
 
     python benchmarks/texture_control.py --minutes 25 --out benchmarks/results/texture_control.json
@@ -44,11 +44,11 @@ def score_sampler(ckpt, dataset, free_cases: list[str], sampler: SamplerConfig, 
     protos = ckpt.prototypes[0]
     window = ckpt.data.intensity
     per_case = max(1, int(np.ceil(per_proto / len(free_cases))))
-    hits, hits_l1, total, per_k, t0, n_lesions = 0, 0, 0, {}, time.perf_counter(), 0
+    hits, hits_emd, total, per_k, t0, n_lesions = 0, 0, 0, {}, time.perf_counter(), 0
     for k in range(len(protos.centers)):
         settings = VariantSettings(per_case=per_case, mask_source="ellipsoid", size_mm=(10.0, 16.0), region_label=1,
                                    textures=(f"cluster:{k}",), boundary=0.2, guidance_scale=guidance, seed=seed + k)
-        k_hits, k_hits_l1, k_total, dists, nearest, hists = 0, 0, 0, [], [], []
+        k_hits, k_hits_emd, k_total, dists, nearest, hists = 0, 0, 0, [], [], []
         for cases, _warnings in make_variants(synth, dataset, free_cases, settings):
             for case in cases:
                 if k_total >= per_proto:
@@ -56,23 +56,23 @@ def score_sampler(ckpt, dataset, free_cases: list[str], sampler: SamplerConfig, 
                 lesion = case.label == ckpt.data.lesion_labels[0]
                 values = window.to_model(case.channels[ckpt.data.channel][lesion], window.case_range(case.channels[0]))
                 hist = lesion_histogram(values)
-                d = [histogram_emd(hist, c) for c in protos.centers]
-                d_l1 = [histogram_distance(hist, c) for c in protos.centers]
+                d = [histogram_distance(hist, c) for c in protos.centers]
+                d_emd = [histogram_emd(hist, c) for c in protos.centers]
                 k_hits += int(np.argmin(d) == k)
-                k_hits_l1 += int(np.argmin(d_l1) == k)
+                k_hits_emd += int(np.argmin(d_emd) == k)
                 k_total += 1
                 dists.append(d[k])
                 nearest.append(int(np.argmin(d)))
                 hists.append([round(float(v), 4) for v in hist])
         n_lesions += k_total
-        hits, hits_l1, total = hits + k_hits, hits_l1 + k_hits_l1, total + k_total
-        per_k[f"cluster:{k}"] = {"score": k_hits / max(k_total, 1), "score_l1": k_hits_l1 / max(k_total, 1),
+        hits, hits_emd, total = hits + k_hits, hits_emd + k_hits_emd, total + k_total
+        per_k[f"cluster:{k}"] = {"score": k_hits / max(k_total, 1), "score_emd": k_hits_emd / max(k_total, 1),
                                  "n": k_total, "nearest_prototype": nearest,
-                                 "mean_emd_to_requested": float(np.mean(dists)) if dists else None,
+                                 "mean_l1_to_requested": float(np.mean(dists)) if dists else None,
                                  "histograms": hists}
     seconds = time.perf_counter() - t0
     return {"sampler": sampler.to_dict(), "guidance": guidance, "score": hits / max(total, 1),
-            "score_l1": hits_l1 / max(total, 1), "n": total,
+            "score_emd": hits_emd / max(total, 1), "n": total,
             "per_prototype": per_k, "seconds_per_lesion": seconds / max(n_lesions, 1),
             "network_evaluations_per_lesion": make_sampler(sampler).num_network_evaluations(
                 ckpt.schedule.num_train_timesteps) * (2 if guidance != 1.0 else 1)}
@@ -128,7 +128,7 @@ def main() -> None:
     result["prototypes"] = {"counts": ckpt.prototypes[0].counts.tolist(), "num_training_lesions":
                             ckpt.training_summary.get("num_lesions"),
                             "centers": [[round(float(v), 4) for v in c] for c in ckpt.prototypes[0].centers]}
-    result["distance"] = "earth mover's distance over the 16 ordered bins (score); L1 alongside (score_l1)"
+    result["distance"] = "L1 over the 16 bins (score); earth mover's distance over the ordered bins alongside (score_emd)"
     for g in args.guidance:
         result[f"ddim_default_guidance_{g:g}"] = score_sampler(ckpt, dataset, free, SamplerConfig(),
                                                                args.samples_per_prototype, g, 12, args.seed + 100)

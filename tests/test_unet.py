@@ -145,3 +145,49 @@ def test_bad_shapes_raise():
         model(x_t, t, context, masks, cond[:, :8])
     with pytest.raises(ValueError, match="x_t"):
         model(torch.cat([x_t, x_t], 1), t, context, masks, cond)
+
+
+@pytest.mark.parametrize("stride,kernel", [(1, 3), (2, 3), (1, 1)])
+def test_onednn_conv3d_matches_torch_conv3d_values_and_gradients(stride, kernel):
+    """The CPU conv that always takes oneDNN (PyTorch sends small batch-1 3D convs to a slow kernel) computes
+    what nn.Conv3d computes, forward and backward, in both memory formats, and keeps nn.Conv3d's state dict."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN not built into this torch")
+    from lefusion_nnunet.diffusion.unet import Conv3d
+
+    torch.manual_seed(0)
+    ref = torch.nn.Conv3d(6, 10, kernel, stride=stride, padding=kernel // 2)
+    ours = Conv3d(6, 10, kernel, stride=stride, padding=kernel // 2)
+    ours.load_state_dict(ref.state_dict())
+    for fmt in (torch.contiguous_format, torch.channels_last_3d):
+        x = torch.randn(1, 6, 8, 12, 10).contiguous(memory_format=fmt)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a, b = ref(xa), ours(xb)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-3)
+        ref.zero_grad(), ours.zero_grad()
+    assert set(ours.state_dict()) == set(ref.state_dict())
+
+
+def test_histogram_condition_encoding():
+    """'histogram' feeds the scaled histogram and its cumulative sum per class; a checkpoint config written
+    before the field existed loads as 'raw' (its weights keep fitting)."""
+    model = LesionDenoiser(DenoiserConfig.from_preset("tiny", image_channels=2, cond_encoding="histogram"))
+    hist = torch.zeros(1, 2, 16)
+    hist[0, 0, 3] = 1.0                        # class 0: all mass in bin 3
+    hist[0, 1] = 1 / 16                        # class 1: flat
+    enc = model.encode_condition(hist.reshape(1, 32)).reshape(1, 2, 32)
+    assert enc.shape == (1, 2, 32)
+    torch.testing.assert_close(enc[0, 1, :16], torch.ones(16))
+    assert enc[0, 0, 16 + 2] == -1 and enc[0, 0, 16 + 3] == 1 and enc[0, 1, 31] == 1
+    assert model.cond_mlp[0].in_features == 64
+    x_t, t, context, masks, cond = _inputs(2, B=2)
+    assert model(x_t, t, context, masks, cond).shape == x_t.shape
+    old = DenoiserConfig.from_preset("tiny").to_dict()
+    del old["cond_encoding"]
+    assert DenoiserConfig.from_dict(old).cond_encoding == "raw"
+    with pytest.raises(Exception, match="cond_encoding"):
+        DenoiserConfig(cond_encoding="cdf")

@@ -35,6 +35,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+COND_ENCODINGS = ("raw", "histogram")
+
+
 @dataclass(frozen=True)
 class DenoiserConfig:
     """Architecture of :class:`LesionDenoiser`; the defaults are the ``"small"`` preset.
@@ -50,6 +53,12 @@ class DenoiserConfig:
         stem_stride: 1 or 2. With 2 the input is downsampled once by the stem and a thin
             full-resolution branch feeds the output head (much cheaper on CPU).
         gradient_checkpointing: recompute residual/attention blocks in backward while training.
+        cond_encoding: how the (B, C * hist_bins) condition enters the condition MLP. ``"raw"``: as given
+            (any feature vector; the mask model's size/boundary features). ``"histogram"``: per class, the
+            normalised histogram scaled by ``hist_bins`` (a flat histogram is all ones) next to its cumulative
+            sum mapped to [-1, 1]. The cumulative sum turns a shift of intensity mass (a solid core in a
+            ground-glass nodule: about 20 % of the mass moved up by several bins) into a large, order-aware
+            input difference, where the raw bins differ by a few hundredths each.
     Spatial dims must be divisible by :attr:`spatial_divisor` = stem_stride * 2 ** (len(mults) - 1).
     """
 
@@ -62,6 +71,7 @@ class DenoiserConfig:
     dropout: float = 0.0
     stem_stride: int = 2
     gradient_checkpointing: bool = False
+    cond_encoding: str = "raw"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
@@ -74,6 +84,9 @@ class DenoiserConfig:
                                      f"got {self.channel_mults!r}.")
         if self.stem_stride not in (1, 2):
             raise LeFusionInputError(f"DenoiserConfig.stem_stride must be 1 or 2, got {self.stem_stride!r}.")
+        if self.cond_encoding not in COND_ENCODINGS:
+            raise LeFusionInputError(f"DenoiserConfig.cond_encoding must be one of {', '.join(COND_ENCODINGS)}, "
+                                     f"got {self.cond_encoding!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise LeFusionInputError(f"DenoiserConfig.dropout must be in [0, 1), got {self.dropout!r}.")
 
@@ -110,6 +123,24 @@ def _groups(channels: int) -> int:
     return g
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that always takes oneDNN (mkldnn) for float32 inputs on CPU.
+
+    PyTorch's CPU heuristic sends a batch-1 3D convolution whose ``N * C * Z * Y`` is at most 20,480 (every
+    level of the ``small`` preset at 64x64x32) to its im2col kernel, measured 5-12x slower than oneDNN on
+    2 cores, so single-lesion sampling ran at a quarter of the batch-4 throughput. Same parameters and
+    state-dict keys as ``nn.Conv3d``; gradients flow as usual; other devices and dtypes are untouched.
+    """
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if (input.device.type == "cpu" and input.dtype == torch.float32 and weight.dtype == torch.float32
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            return torch.ops.aten.mkldnn_convolution(input, weight, bias, self.padding, self.stride, self.dilation,
+                                                     self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding (Vaswani et al. 2017) of (B,) timesteps -> (B, dim) float32."""
     half = dim // 2
@@ -125,12 +156,12 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
-        self.conv1 = nn.Conv3d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3d(in_ch, out_ch, 3, padding=1)
         self.film = nn.Linear(emb_dim, 2 * out_ch)
         self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv3d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = Conv3d(out_ch, out_ch, 3, padding=1)
+        self.skip = Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -148,8 +179,8 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.heads = max(1, channels // head_dim)
         self.norm = nn.GroupNorm(_groups(channels), channels)
-        self.qkv = nn.Conv3d(channels, 3 * channels, 1)
-        self.proj = nn.Conv3d(channels, channels, 1)
+        self.qkv = Conv3d(channels, 3 * channels, 1)
+        self.proj = Conv3d(channels, channels, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -173,18 +204,19 @@ class LesionDenoiser(nn.Module):
         emb_dim = 4 * base
         self.time_dim = max(base, 32)
         self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.cond_mlp = nn.Sequential(nn.Linear(C * cfg.hist_bins, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        cond_in = C * cfg.hist_bins * (2 if cfg.cond_encoding == "histogram" else 1)
+        self.cond_mlp = nn.Sequential(nn.Linear(cond_in, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.null_cond = nn.Parameter(torch.randn(emb_dim) * 0.02)
 
         if cfg.stem_stride == 2:
             hi = max(4, base // 4)
-            self.stem_full = nn.Conv3d(in_ch, hi, 3, padding=1)
-            self.stem = nn.Conv3d(hi, base, 3, stride=2, padding=1)
+            self.stem_full = Conv3d(in_ch, hi, 3, padding=1)
+            self.stem = Conv3d(hi, base, 3, stride=2, padding=1)
             self.head_up = nn.ConvTranspose3d(base, hi, 2, stride=2)
             head_ch = 2 * hi
         else:
             self.stem_full = self.head_up = None
-            self.stem = nn.Conv3d(in_ch, base, 3, padding=1)
+            self.stem = Conv3d(in_ch, base, 3, padding=1)
             head_ch = base
 
         widths = [base * m for m in cfg.channel_mults]
@@ -198,7 +230,7 @@ class LesionDenoiser(nn.Module):
                 ch = width
             self.down_blocks.append(blocks)
             last = level == len(widths) - 1
-            self.downsamples.append(nn.Identity() if last else nn.Conv3d(ch, ch, 3, stride=2, padding=1))
+            self.downsamples.append(nn.Identity() if last else Conv3d(ch, ch, 3, stride=2, padding=1))
 
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, cfg.dropout)])
         if cfg.attention_at_bottleneck:
@@ -220,7 +252,7 @@ class LesionDenoiser(nn.Module):
             self.up_blocks.append(blocks)
 
         self.out_norm = nn.GroupNorm(_groups(head_ch), head_ch)
-        self.out_conv = nn.Conv3d(head_ch, C, 3, padding=1)
+        self.out_conv = Conv3d(head_ch, C, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
 
@@ -229,6 +261,15 @@ class LesionDenoiser(nn.Module):
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, emb, use_reentrant=False)
         return block(h, emb)
+
+    def encode_condition(self, cond: Tensor) -> Tensor:
+        """(B, C * hist_bins) condition -> the condition MLP's input (see ``DenoiserConfig.cond_encoding``)."""
+        if self.config.cond_encoding == "raw":
+            return cond
+        bins = self.config.hist_bins
+        hist = cond.reshape(cond.shape[0], -1, bins)                                  # (B, C, bins)
+        cdf = hist.cumsum(-1) * 2 - 1
+        return torch.cat([hist * bins, cdf], dim=-1).reshape(cond.shape[0], -1)
 
     def embed(self, t: Tensor, cond: Tensor | None, drop_cond: Tensor | None, batch: int) -> Tensor:
         """(B, 4 * base) embedding = time MLP + (histogram MLP or learned null condition)."""
@@ -241,7 +282,7 @@ class LesionDenoiser(nn.Module):
             expected = (batch, self.config.image_channels * self.config.hist_bins)
             if tuple(cond.shape) != expected:
                 raise ValueError(f"cond must have shape {expected}, got {tuple(cond.shape)}")
-            c_emb = self.cond_mlp(cond.to(dtype))
+            c_emb = self.cond_mlp(self.encode_condition(cond.to(dtype)))
             if drop_cond is not None:
                 drop = torch.as_tensor(drop_cond, device=c_emb.device).reshape(batch, 1).to(torch.bool)
                 c_emb = torch.where(drop, null.to(c_emb.dtype), c_emb)

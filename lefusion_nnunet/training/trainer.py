@@ -273,7 +273,8 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
         config = TrainConfig.from_dict({**state["train_config"], "steps": config.steps, "device": config.device})
     rois = collect_lesion_rois(dataset, lesion_labels, roi, intensity, channel, progress=progress)
     data_config = build_data_config(dataset, lesion_labels, region_label, channel, roi, rois.intensity)
-    model_config = DenoiserConfig.from_preset(config.preset, image_channels=len(lesion_labels), hist_bins=HIST_BINS)
+    model_config = DenoiserConfig.from_preset(config.preset, image_channels=len(lesion_labels), hist_bins=HIST_BINS,
+                                              cond_encoding="histogram")
     schedule_config = ScheduleConfig(num_train_timesteps=config.num_train_timesteps)
     prototypes = _prototypes(rois, config.texture_clusters, config.seed)
 
