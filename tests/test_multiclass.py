@@ -105,7 +105,8 @@ def test_c2_model_trains_with_one_channel_per_class(checkpoint):
     assert len(content["prototypes"]) == 2, "prototypes are clustered per class"
     assert all(n > 0 for n in content["training_summary"]["lesions_per_class"])
     ckpt = load_lesion_checkpoint(checkpoint)
-    assert ckpt.model.cond_mlp[0].in_features == 2 * HIST_BINS
+    encoding_width = 2 if ckpt.model.config.cond_encoding == "histogram" else 1   # histogram ++ CDF per class
+    assert ckpt.model.cond_mlp[0].in_features == 2 * HIST_BINS * encoding_width
 
 
 def test_loss_of_channel_c_sees_only_class_c_voxels(cardiac):
