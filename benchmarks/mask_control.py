@@ -51,7 +51,7 @@ def _raw_network_ratio(gen: MaskGenerator, allowed, spacing, diameter: float, rn
     """Volume of the network's own outer mask (sample >= 0, component on the sphere) / requested volume."""
     from lefusion_nnunet.data.masks import choose_center
     from lefusion_nnunet.data.roi import extract_roi_mask, roi_origin_for_center
-    from lefusion_nnunet.mask_diffusion import _component_on_ball, center_distance_mm
+    from lefusion_nnunet.mask_shapes import center_distance_mm, component_on_ball
 
     roi = gen.data.roi
     center = choose_center(allowed, spacing, diameter / 2, rng)
@@ -60,7 +60,7 @@ def _raw_network_ratio(gen: MaskGenerator, allowed, spacing, diameter: float, rn
     c_model = (center - origin) / (np.asarray(roi.spacing_zyx) / np.asarray(spacing))
     soft = gen.sample_soft(c_model[None], diameter, gen.condition(diameter, 0.5, rng)[None], region[None], generator)[0]
     ball = center_distance_mm(roi.size_zyx, roi.spacing_zyx, c_model) <= diameter / 2
-    raw = _component_on_ball((soft[0] >= 0) & region, ball)
+    raw = component_on_ball((soft[0] >= 0) & region, ball)
     return mask_volume_mm3(raw, roi.spacing_zyx) / sphere_volume_mm3(diameter)
 
 

@@ -26,8 +26,9 @@ import numpy as np
 from lefusion_nnunet.data.dataset import RawDataset
 from lefusion_nnunet.data.histogram import parse_texture, parse_textures
 from lefusion_nnunet.data.io import ImageVolume, check_same_grid, read_image, read_label, read_mask
-from lefusion_nnunet.data.masks import (MaskLibrary, allowed_region, ellipsoid_mask, mask_equivalent_diameter,
-                                        mask_volume_mm3, paste_mask, place_mask)
+from lefusion_nnunet.data.mask_library import MaskLibrary
+from lefusion_nnunet.data.masks import (allowed_region, ellipsoid_mask, mask_equivalent_diameter, mask_volume_mm3,
+                                        paste_mask, place_mask)
 from lefusion_nnunet.data.roi import mask_fits_roi, roi_center_for_mask, roi_origin_for_center
 from lefusion_nnunet.errors import LeFusionInputError
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from lefusion_nnunet.data.masks import (MaskLibrary, RealMask, allowed_region, body_mask, ellipsoid_mask,
-                                        equivalent_diameter_mm, mask_equivalent_diameter, paste_mask, place_mask,
-                                        sphere_volume_mm3, valid_offsets)
+from lefusion_nnunet.data.mask_library import MaskLibrary, RealMask
+from lefusion_nnunet.data.masks import (allowed_region, body_mask, ellipsoid_mask, equivalent_diameter_mm,
+                                        mask_equivalent_diameter, paste_mask, place_mask, sphere_volume_mm3,
+                                        valid_offsets)
 from lefusion_nnunet.errors import LeFusionInputError
 
 

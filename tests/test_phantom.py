@@ -197,7 +197,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
             raise RuntimeError("Exception thrown in SimpleITK WriteImage: disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ph.sitk, "WriteImage", flaky)
+    monkeypatch.setattr(sitk, "WriteImage", flaky)
     with pytest.raises(LeFusionInputError, match="could not write"):
         generate_chest_phantom(tmp_path, config=small(num_cases=2))
     assert list(tmp_path.iterdir()) == []

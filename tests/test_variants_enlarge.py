@@ -20,7 +20,7 @@ from scipy import ndimage
 from lefusion_nnunet.data.config import DataConfig
 from lefusion_nnunet.data.dataset import load_raw_dataset
 from lefusion_nnunet.data.intensity import IntensitySpace
-from lefusion_nnunet.data.masks import MaskLibrary
+from lefusion_nnunet.data.mask_library import MaskLibrary
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.enlargement import EnlargeSummary, destination_name, enlarge
 from lefusion_nnunet.errors import LeFusionInputError

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
+from lefusion_nnunet.data.phantom_common import (MANIFEST_NAME, SUPPORTED_FILE_ENDINGS, PhantomConfigBase, Spacing,
+                                                 as_int, kernel_norm, phantom_dataset_name, smooth_field,
+                                                 write_case_files, write_raw_dataset)
+from lefusion_nnunet.data.phantom_nodules import paint_nodule, place_nodule
 from lefusion_nnunet.errors import LeFusionInputError
 
 __all__ = [
@@ -54,10 +54,6 @@ __all__ = [
 
 #: Nodule texture names, in round-robin order.
 TEXTURES: tuple[str, ...] = ("ground_glass", "solid", "part_solid")
-#: File name of the per-case ground-truth manifest written next to ``dataset.json``.
-MANIFEST_NAME = "phantom_manifest.json"
-#: File endings the phantom can be written as (all read by nnU-Net's ``SimpleITKIO``).
-SUPPORTED_FILE_ENDINGS: tuple[str, ...] = (".nii.gz", ".nrrd", ".mha")
 #: Label values written to ``labelsTr``.
 LABELS: dict[str, int] = {"background": 0, "lung": 1, "nodule": 2}
 
@@ -75,58 +71,13 @@ _DISC = 80.0
 _CSF = 15.0
 _HU_MIN, _HU_MAX = -1024.0, 3071.0
 
-# nodule texture parameters: mean HU, texture sd HU, edge width mm (logistic scale)
-_GGO_MEAN, _GGO_SD, _GGO_EDGE = -600.0, 60.0, 0.6
-_SOLID_MEAN, _SOLID_SD, _SOLID_EDGE = 30.0, 40.0, 0.12
-_CORE_MEAN, _CORE_SD, _CORE_FRACTION = 20.0, 40.0, 0.5
-_RADIUS_JITTER = 0.15          # max relative perturbation of the nodule radius (low-frequency)
-_NODULE_MARGIN_MM = 1.5        # nodules keep this far from the lung border (beyond their max radius)
-_NODULE_GAP_MM = 2.5           # and this far from each other
 _SMOOTH_SIGMA_MM = 0.55        # partial-volume / reconstruction blur applied to anatomy and noise
 
-Spacing = tuple[float, float, float]
 
 
 # =================================================================================================
 # configuration
 # =================================================================================================
-class PhantomConfigBase:
-    """What the chest and cardiac phantom configurations share: the lesion-free count, JSON round trip and
-    the checks of ``file_ending`` and ``seed``. Subclasses are frozen dataclasses with those fields."""
-
-    num_cases: int
-    lesion_free_fraction: float
-    file_ending: str
-    seed: int
-
-    def _check_common(self, fail) -> None:
-        if self.file_ending not in SUPPORTED_FILE_ENDINGS:
-            fail(f"file_ending is {self.file_ending!r} but must be one of {', '.join(SUPPORTED_FILE_ENDINGS)}")
-        if self.seed < 0:
-            fail(f"seed is {self.seed} but must be a non-negative integer")
-
-    @property
-    def num_lesion_free(self) -> int:
-        """Number of lesion-free cases (at least 1 of each kind when ``num_cases >= 2``)."""
-        n = int(round(self.lesion_free_fraction * self.num_cases))
-        if self.num_cases >= 2:
-            n = min(max(n, 1), self.num_cases - 1)
-        return min(max(n, 0), self.num_cases)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (plain ints, floats, strings and lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`LeFusionInputError`."""
-        fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise LeFusionInputError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(fields)}.")
-        return cls(**d)
-
-
 @dataclass(frozen=True)
 class PhantomConfig(PhantomConfigBase):
     """How to build a phantom dataset.
@@ -161,14 +112,14 @@ class PhantomConfig(PhantomConfigBase):
 
         # normalise JSON lists to tuples of plain Python numbers
         try:
-            object.__setattr__(self, "num_cases", _as_int(self.num_cases))
+            object.__setattr__(self, "num_cases", as_int(self.num_cases))
             object.__setattr__(self, "lesion_free_fraction", float(self.lesion_free_fraction))
-            object.__setattr__(self, "shape_zyx", tuple(_as_int(v) for v in self.shape_zyx))
+            object.__setattr__(self, "shape_zyx", tuple(as_int(v) for v in self.shape_zyx))
             object.__setattr__(self, "spacing_zyx", tuple(float(v) for v in self.spacing_zyx))
-            object.__setattr__(self, "nodules_per_case", tuple(_as_int(v) for v in self.nodules_per_case))
+            object.__setattr__(self, "nodules_per_case", tuple(as_int(v) for v in self.nodules_per_case))
             object.__setattr__(self, "nodule_diameter_mm", tuple(float(v) for v in self.nodule_diameter_mm))
             object.__setattr__(self, "noise_hu", float(self.noise_hu))
-            object.__setattr__(self, "seed", _as_int(self.seed))
+            object.__setattr__(self, "seed", as_int(self.seed))
         except (TypeError, ValueError) as exc:
             fail(f"a field has the wrong type ({exc}); use integers for counts, shape and seed and numbers "
                  f"for spacing, diameters and noise")
@@ -190,11 +141,6 @@ class PhantomConfig(PhantomConfigBase):
             fail(f"noise_hu is {self.noise_hu} but must be a non-negative number of HU")
         self._check_common(fail)
 
-
-def _as_int(v: Any) -> int:
-    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-        raise ValueError(f"{v!r} is not an integer")
-    return int(v)
 
 
 # =================================================================================================
@@ -274,56 +220,6 @@ def make_phantom_case(config: PhantomConfig, case_index: int) -> PhantomCase:
 # =================================================================================================
 # rendering
 # =================================================================================================
-def _smooth_field(rng: np.random.Generator, grids: tuple[np.ndarray, ...], wavelength_mm: float,
-                  n_waves: int = 6) -> np.ndarray:
-    """Low-frequency random field in about [-1, 1]: a sum of random plane waves over mm grids."""
-    out = np.zeros(np.broadcast_shapes(*(g.shape for g in grids)), dtype=np.float32)
-    for _ in range(n_waves):
-        v = rng.normal(size=len(grids))
-        v /= np.linalg.norm(v) + 1e-12
-        k = 2.0 * np.pi / (wavelength_mm * rng.uniform(0.7, 1.4))
-        phase = rng.uniform(0, 2 * np.pi)
-        arg = sum((k * vi) * g for vi, g in zip(v, grids)) + phase
-        out += np.cos(arg).astype(np.float32)
-    return out * np.float32(np.sqrt(2.0 / n_waves))
-
-
-def _sphere_perturbation(rng: np.random.Generator, unit: tuple[np.ndarray, ...], n_terms: int = 5) -> np.ndarray:
-    """Low-frequency function on the unit sphere in about [-1, 1] (irregular, lobulated boundary)."""
-    out = np.zeros(np.broadcast_shapes(*(u.shape for u in unit)), dtype=np.float32)
-    for _ in range(n_terms):
-        v = rng.normal(size=3)
-        v /= np.linalg.norm(v) + 1e-12
-        freq = rng.uniform(1.5, 4.0)
-        phase = rng.uniform(0, 2 * np.pi)
-        out += np.cos(freq * (v[0] * unit[0] + v[1] * unit[1] + v[2] * unit[2]) + phase).astype(np.float32)
-    return out / np.float32(n_terms) * np.float32(1.6)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
-
-
-def _gaussian_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: tuple[float, ...]) -> np.ndarray:
-    """Correlated unit-variance noise (Gaussian-smoothed white noise, rescaled analytically)."""
-    white = rng.standard_normal(size=shape, dtype=np.float32)
-    sm = ndimage.gaussian_filter(white, sigma_vox, mode="reflect")
-    return sm / np.float32(_kernel_norm(sigma_vox))
-
-
-def _kernel_norm(sigma_vox: tuple[float, ...]) -> float:
-    """sqrt(sum of squared weights) of scipy's separable Gaussian kernel: std of smoothed unit noise."""
-    total = 1.0
-    for s in sigma_vox:
-        if s <= 0:
-            continue
-        delta = np.zeros(int(8 * s + 3) * 2 + 1)
-        delta[len(delta) // 2] = 1.0
-        w = ndimage.gaussian_filter1d(delta, s, mode="constant")
-        total *= float(np.sum(w * w))
-    return math.sqrt(total)
-
-
 def _vessel_tree(rng: np.random.Generator, lung: np.ndarray, spacing: Spacing, hilum_zyx: np.ndarray,
                  n_terminals: int = 48, r_tip_mm: float = 0.55) -> tuple[np.ndarray, np.ndarray]:
     """Centre-line points (voxel coordinates, float) and radii (mm) of a branching tree in ``lung``.
@@ -456,7 +352,7 @@ def _render_case(config: PhantomConfig, plan: _CasePlan) -> PhantomCase:
         ly = 0.78 * ay * rng.uniform(0.92, 1.06)
         lz = 0.50 * ext_z * rng.uniform(0.9, 1.0)
         f = ((x - cx) / lx) ** 2 + ((y - cy) / ly) ** 2 + ((z - cz) / lz) ** 2
-        f = f + 0.10 * _smooth_field(rng, (z, y, x), wavelength_mm=0.9 * min(lx, ly) * 2.0, n_waves=5)
+        f = f + 0.10 * smooth_field(rng, (z, y, x), wavelength_mm=0.9 * min(lx, ly) * 2.0, n_waves=5)
         one = (f < 1.0) & (rb < 0.845) & ~mediastinum & ~heart & ~spine_zone
         lung |= one
         hila.append(np.array([(cz - 0.1 * ext_z) / sz + (Z - 1) / 2, (cy + 0.05 * ay) / sy + (Y - 1) / 2,
@@ -490,9 +386,9 @@ def _render_case(config: PhantomConfig, plan: _CasePlan) -> PhantomCase:
         edt = ndimage.distance_transform_edt(lung, sampling=spacing).astype(np.float32)
         for texture in plan.textures:
             d = float(rng.uniform(*config.nodule_diameter_mm))
-            center, d = _place_nodule(rng, edt, spacing, d, placed, plan.case_id)
+            center, d = place_nodule(rng, edt, spacing, d, placed, plan.case_id)
             placed.append((center, d, texture, 0.0))
-            sl, mask = _paint_nodule(rng, img, center, d, texture, spacing)
+            sl, mask = paint_nodule(rng, img, center, d, texture, spacing)
             label[sl][mask] = LABELS["nodule"]
             nodule_masks.append((sl, mask))
 
@@ -500,7 +396,7 @@ def _render_case(config: PhantomConfig, plan: _CasePlan) -> PhantomCase:
     sigma_vox = tuple(_SMOOTH_SIGMA_MM / s for s in spacing)
     if config.noise_hu > 0:
         white = rng.standard_normal(size=img.shape, dtype=np.float32)
-        img += white * np.float32(config.noise_hu / _kernel_norm(sigma_vox))
+        img += white * np.float32(config.noise_hu / kernel_norm(sigma_vox))
     img = ndimage.gaussian_filter(img, sigma_vox, mode="nearest")
     image = np.clip(np.rint(img), _HU_MIN, _HU_MAX).astype(np.int16)
 
@@ -526,105 +422,9 @@ def _largest_per_side(lung: np.ndarray, X: int) -> np.ndarray:
     return out
 
 
-def _place_nodule(rng: np.random.Generator, edt: np.ndarray, spacing: Spacing, diameter: float,
-                  placed: list, case_id: str) -> tuple[np.ndarray, float]:
-    """Pick a centre voxel where the whole (perturbed) nodule fits inside the lung, away from others.
-
-    The diameter is shrunk by 10 % steps until a position exists.
-    """
-    sp = np.asarray(spacing)
-    min_d = 2.0 * max(spacing)
-    while True:
-        r_max = 0.5 * diameter * (1.0 + _RADIUS_JITTER)
-        cand = np.flatnonzero(edt.reshape(-1) >= r_max + _NODULE_MARGIN_MM)
-        if cand.size and placed:
-            coords = np.stack(np.unravel_index(cand, edt.shape), axis=1) * sp
-            ok = np.ones(cand.size, dtype=bool)
-            for c, d, _, _ in placed:
-                need = r_max + 0.5 * d * (1.0 + _RADIUS_JITTER) + _NODULE_GAP_MM
-                ok &= np.sum((coords - c * sp) ** 2, axis=1) >= need ** 2
-            cand = cand[ok]
-        if cand.size:
-            flat = int(cand[rng.integers(cand.size)])
-            return np.array(np.unravel_index(flat, edt.shape)), diameter
-        if diameter <= min_d:
-            raise LeFusionInputError(
-                f"no room for a {diameter:.1f} mm nodule inside the lungs of phantom case {case_id}; use a "
-                f"larger shape_zyx / spacing_zyx, smaller nodule_diameter_mm or fewer nodules_per_case.")
-        diameter = max(diameter * 0.9, min_d)
-
-
-def _paint_nodule(rng: np.random.Generator, img: np.ndarray, center: np.ndarray, diameter: float, texture: str,
-                  spacing: Spacing) -> tuple[tuple[slice, ...], np.ndarray]:
-    """Blend one nodule into ``img`` (in place) in a local box; return (box slices, label mask in box)."""
-    sp = np.asarray(spacing, dtype=np.float32)
-    r = 0.5 * diameter
-    reach = r * (1.0 + _RADIUS_JITTER) + 4.0 * _GGO_EDGE + 1.0
-    lo = np.maximum(center - np.ceil(reach / sp).astype(int), 0)
-    hi = np.minimum(center + np.ceil(reach / sp).astype(int) + 1, img.shape)
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    grids = [((np.arange(a, b, dtype=np.float32) - c) * s) for a, b, c, s in zip(lo, hi, center, sp)]
-    dz, dy, dx = grids[0][:, None, None], grids[1][None, :, None], grids[2][None, None, :]
-    dist = np.sqrt(dz * dz + dy * dy + dx * dx)
-    safe = np.maximum(dist, 1e-6)
-    unit = (dz / safe, dy / safe, dx / safe)
-    amp = _RADIUS_JITTER * (0.8 if texture == "solid" else 0.6)
-    radius = r * (1.0 + amp * np.clip(_sphere_perturbation(rng, unit), -1.0, 1.0))
-    signed = dist - radius                                              # < 0 inside, mm
-    mask = signed <= 0.0
-    box_shape = mask.shape
-    tex_sigma = tuple(0.8 / s for s in spacing)
-
-    if texture == "solid":
-        tex = _SOLID_MEAN + _SOLID_SD * _gaussian_noise(rng, box_shape, tex_sigma)
-        w = _sigmoid(-signed / _SOLID_EDGE)
-    elif texture == "ground_glass":
-        tex = _GGO_MEAN + _GGO_SD * _gaussian_noise(rng, box_shape, tex_sigma)
-        w = _sigmoid(-signed / _GGO_EDGE)
-    elif texture == "part_solid":
-        ggo = _GGO_MEAN + _GGO_SD * _gaussian_noise(rng, box_shape, tex_sigma)
-        core_tex = _CORE_MEAN + _CORE_SD * _gaussian_noise(rng, box_shape, tex_sigma)
-        # eccentric, irregular core; never thinner than ~0.8 of the coarsest voxel so it is visible
-        rc = min(max(_CORE_FRACTION * r, 0.8 * float(max(spacing))), 0.7 * r)
-        off = rng.normal(size=3)
-        off = off / (np.linalg.norm(off) + 1e-12) * rng.uniform(0.0, 0.15) * r
-        cdz, cdy, cdx = dz - off[0], dy - off[1], dx - off[2]
-        cdist = np.sqrt(cdz * cdz + cdy * cdy + cdx * cdx)
-        csafe = np.maximum(cdist, 1e-6)
-        cunit = (cdz / csafe, cdy / csafe, cdx / csafe)
-        crad = rc * (1.0 + 0.15 * np.clip(_sphere_perturbation(rng, cunit), -1.0, 1.0))
-        wc = _sigmoid(-(cdist - crad) / _SOLID_EDGE)
-        tex = ggo * (1.0 - wc) + core_tex * wc
-        w = _sigmoid(-signed / _GGO_EDGE)
-    else:  # pragma: no cover - plans only use TEXTURES
-        raise ValueError(texture)
-    box = img[sl]
-    img[sl] = box * (1.0 - w) + tex.astype(np.float32) * w
-    return sl, mask
-
-
 # =================================================================================================
 # writing the nnU-Net raw dataset
 # =================================================================================================
-def phantom_dataset_name(dataset_id: int = 501, name: str = "LeFusionChestPhantom") -> str:
-    """``Dataset{id:03d}_{name}``, validated for nnU-Net."""
-    if isinstance(dataset_id, bool) or not isinstance(dataset_id, (int, np.integer)) or not 1 <= dataset_id <= 999:
-        raise LeFusionInputError(f"dataset id {dataset_id!r} is invalid; nnU-Net dataset ids are integers "
-                                 f"between 1 and 999.")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name or ""):
-        raise LeFusionInputError(f"dataset name {name!r} is invalid; use letters, digits, '_' and '-' only "
-                                 f"(it becomes the folder name Dataset{int(dataset_id):03d}_<name>).")
-    return f"Dataset{int(dataset_id):03d}_{name}"
-
-
-def _sitk_image(array: np.ndarray, spacing_zyx: Spacing, origin_xyz: tuple[float, float, float]) -> sitk.Image:
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))  # SimpleITK order: (x, y, z)
-    img.SetOrigin(origin_xyz)
-    img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    return img
-
-
 def _origin_xyz(config: PhantomConfig) -> tuple[float, float, float]:
     """Non-zero origin (mm, SimpleITK x, y, z order): the volume centre sits near (0, 0, -150) mm."""
     Z, Y, X = config.shape_zyx
@@ -683,65 +483,3 @@ def generate_chest_phantom(raw_root: Path | str, dataset_id: int = 501, name: st
         (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
     return write_raw_dataset(raw_root, dataset_id, name, fill, overwrite)
-
-
-# =================================================================================================
-# shared by every phantom kind (chest here, cardiac in phantom_cardiac.py)
-# =================================================================================================
-def write_case_files(folder: Path, case_id: str, image: np.ndarray, label: np.ndarray, spacing_zyx: Spacing,
-                     origin_xyz: tuple[float, float, float], ending: str) -> tuple[str, str]:
-    """Write ``imagesTr/<case>_0000<ending>`` and ``labelsTr/<case><ending>``; returns both relative paths."""
-    image_rel = f"imagesTr/{case_id}_0000{ending}"
-    label_rel = f"labelsTr/{case_id}{ending}"
-    sitk.WriteImage(_sitk_image(image, spacing_zyx, origin_xyz), str(folder / image_rel), useCompression=True)
-    sitk.WriteImage(_sitk_image(label, spacing_zyx, origin_xyz), str(folder / label_rel), useCompression=True)
-    return image_rel, label_rel
-
-
-def write_raw_dataset(raw_root: Path | str, dataset_id: int, name: str, fill, overwrite: bool = False) -> Path:
-    """Build ``<raw_root>/Dataset{id:03d}_{name}`` atomically: ``fill(partial_folder)`` writes the content
-    (``imagesTr`` and ``labelsTr`` exist already) into a sibling ``.partial`` folder that is then moved into place.
-
-    Refuses an existing folder unless ``overwrite``, and always refuses another folder with the same id.
-    Write failures become :class:`LeFusionInputError` and leave nothing behind.
-    """
-    raw_root = Path(raw_root)
-    ds_name = phantom_dataset_name(dataset_id, name)
-    final = raw_root / ds_name
-    if final.exists() and not overwrite:
-        raise LeFusionInputError(f"dataset folder {final} already exists; pass overwrite=True (--overwrite) to "
-                                 f"replace it or choose another dataset id.")
-    if raw_root.is_dir():
-        clash = sorted(p.name for p in raw_root.glob(f"Dataset{int(dataset_id):03d}_*") if p.name != ds_name)
-        if clash:
-            raise LeFusionInputError(f"{raw_root} already holds {clash[0]} with dataset id {int(dataset_id):03d}; "
-                                     f"choose another dataset id so nnU-Net can tell the datasets apart.")
-    partial = raw_root / f".{ds_name}.partial-{os.getpid()}"
-    try:
-        if partial.exists():
-            shutil.rmtree(partial)
-        (partial / "imagesTr").mkdir(parents=True)
-        (partial / "labelsTr").mkdir()
-        fill(partial)
-        if final.exists():
-            if not overwrite:  # appeared while we were building
-                raise LeFusionInputError(f"dataset folder {final} appeared while the phantom was being written; "
-                                         f"pass overwrite=True to replace it.")
-            trash = raw_root / f".{ds_name}.old-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(partial, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(partial, final)
-    except OSError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise LeFusionInputError(f"could not write the phantom dataset {final}: {exc.strerror or exc}; choose "
-                                 f"a writable raw folder with free space.") from exc
-    except RuntimeError as exc:  # SimpleITK wraps I/O errors in RuntimeError
-        shutil.rmtree(partial, ignore_errors=True)
-        raise LeFusionInputError(f"could not write the phantom dataset {final}: "
-                                 f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}.") from exc
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return final

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from lefusion_nnunet.data.phantom import (MANIFEST_NAME, PhantomConfigBase, _as_int, _smooth_field,
-                                          phantom_dataset_name, write_case_files, write_raw_dataset)
+from lefusion_nnunet.data.phantom_common import (MANIFEST_NAME, PhantomConfigBase, as_int, phantom_dataset_name,
+                                                 smooth_field, write_case_files, write_raw_dataset)
 from lefusion_nnunet.errors import LeFusionInputError
 
 __all__ = ["CARDIAC_LABELS", "CARDIAC_LESION_LABELS", "CARDIAC_HOST_LABEL", "INFARCT_TEXTURES", "CardiacPhantomConfig",
@@ -93,9 +93,9 @@ class CardiacPhantomConfig(PhantomConfigBase):
             raise LeFusionInputError(f"invalid cardiac phantom configuration: {what}.")
 
         try:
-            object.__setattr__(self, "num_cases", _as_int(self.num_cases))
-            object.__setattr__(self, "shape_zyx", tuple(_as_int(v) for v in self.shape_zyx))
-            object.__setattr__(self, "seed", _as_int(self.seed))
+            object.__setattr__(self, "num_cases", as_int(self.num_cases))
+            object.__setattr__(self, "shape_zyx", tuple(as_int(v) for v in self.shape_zyx))
+            object.__setattr__(self, "seed", as_int(self.seed))
             for name in ("lesion_free_fraction", "mvo_fraction", "noise"):
                 object.__setattr__(self, name, float(getattr(self, name)))
             for name in ("spacing_zyx", "infarct_extent_deg", "gain_range"):
@@ -191,7 +191,7 @@ def _render(config: CardiacPhantomConfig, plan: _Plan) -> CardiacCase:
     ay, ax = 0.47 * Y * sy * rng.uniform(0.93, 1.0), 0.49 * X * sx * rng.uniform(0.93, 1.0)
     body = np.broadcast_to(((y - by) / ay) ** 2 + ((x - bx) / ax) ** 2 <= 1.0, img.shape)
     img[body] = _BODY
-    img += np.where(body, 25.0 * _smooth_field(rng, (z_mm, y, x), 40.0, 4), 0.0).astype(np.float32)
+    img += np.where(body, 25.0 * smooth_field(rng, (z_mm, y, x), 40.0, 4), 0.0).astype(np.float32)
 
     n_lv = Z - int(rng.integers(1, 3))                 # slices holding LV; the last one is the apical cap
     u = np.clip(zi / max(n_lv - 1, 1), 0.0, 1.0)
@@ -212,7 +212,7 @@ def _render(config: CardiacPhantomConfig, plan: _Plan) -> CardiacCase:
     rv = in_lv & (zi < n_lv - 1) & (((dy + 0.3 * rv_off) / (1.3 * r0)) ** 2 + ((dx + rv_off) / (0.8 * r0)) ** 2 <= 1) \
         & (r > r_epi + 2.0)
     fat_shell = in_lv & (r >= r_epi) & (r < r_epi + rng.uniform(1.5, 3.0)) & ~rv
-    fat = fat_shell & (_smooth_field(rng, (z_mm, y, x), 25.0, 4) > 0.0)
+    fat = fat_shell & (smooth_field(rng, (z_mm, y, x), 25.0, 4) > 0.0)
     img[np.broadcast_to(fat, img.shape) & body] = _FAT
     img[np.broadcast_to(rv, img.shape)] = _RV_BLOOD
     img[np.broadcast_to(cavity, img.shape)] = _BLOOD
@@ -237,7 +237,7 @@ def _render(config: CardiacPhantomConfig, plan: _Plan) -> CardiacCase:
             taper[zz] = 1.0 - 0.35 * abs(zz - mid) / max(len(zs) / 2.0, 1.0)
         t0 = rng.uniform(0.5, 1.0)
         a = np.abs(_wrap(theta - theta_c))
-        edge = half * taper * (1.0 + 0.08 * _smooth_field(rng, (z_mm, y, x), 12.0, 4))
+        edge = half * taper * (1.0 + 0.08 * smooth_field(rng, (z_mm, y, x), 12.0, 4))
         s = np.clip(1.0 - (a / np.maximum(edge, 1e-3)) ** 2, 0.0, 1.0)
         infarct = myo_full & (a < edge) & (depth <= t0 * (0.35 + 0.65 * np.sqrt(s)))
         mvo = np.zeros_like(infarct)
@@ -268,7 +268,7 @@ def _render(config: CardiacPhantomConfig, plan: _Plan) -> CardiacCase:
         n2 = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(config.noise)
         img = np.sqrt((img + n1) ** 2 + n2 ** 2)
     gain = float(rng.uniform(*config.gain_range))
-    bias = 1.0 + 0.12 * _smooth_field(rng, (z_mm, y, x), 150.0, 3)
+    bias = 1.0 + 0.12 * smooth_field(rng, (z_mm, y, x), 150.0, 3)
     img = img * np.float32(gain) * bias
     image = np.clip(np.rint(img), 0, 32767).astype(np.int16)
     return CardiacCase(plan.case_id, image, label, (sz, sy, sx), plan.texture, round(gain, 6),
