@@ -1,9 +1,15 @@
 """Training speed and memory per sample at 64 x 64 x 32 (x, y, z) for each preset.
 
 Each (preset, batch size) runs in a fresh subprocess that does a few real training steps (forward, masked
-loss, backward, AdamW) and reports steps/s and peak memory: on CPU the process's peak RSS, on CUDA
-torch.cuda.max_memory_allocated. Memory per sample = (peak at batch 2 - peak at batch 1), i.e. what one
-more sample costs (activations + gradients of activations), the figure that limits the batch size.
+loss, backward, AdamW). The first step measures memory: what it adds on top of what the process held before it
+(model, inputs): on CPU the peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``)
+minus the resident size before the step, on CUDA ``torch.cuda.max_memory_allocated`` minus the allocated memory
+before it (later steps would reuse blocks the allocator cached). The following steps are timed. Memory per sample =
+that step memory at batch 2 minus at batch 1 (activations and their gradients of one more sample), the
+figure that limits the batch size; the step memory at batch 1 is reported too (it also holds the weight
+gradients and the optimizer state). Allocators reuse freed memory, so the resident-size figure can undercount;
+the bytes autograd saves for backward per sample (counted exactly with saved-tensor hooks) are reported beside
+it as a lower bound.
 
     python benchmarks/training_speed.py --out benchmarks/results/training_speed_cpu.json
     python benchmarks/training_speed.py --device cuda --presets small base   # bf16 autocast on CUDA
@@ -39,14 +45,39 @@ def step():
         eps = model(x0, t, x0 * (1 - mask), mask, cond)
     loss = masked_epsilon_loss(eps.float(), x0, mask)
     opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-step()
-if amp: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+def status_gib(field):  # Linux /proc/self/status, kB
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+if amp:
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated() / 2**30
+    method = "torch.cuda.max_memory_allocated"
+else:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                       # resets VmHWM (peak RSS) to the current RSS
+        before, method = status_gib("VmRSS"), "VmHWM after clear_refs"
+    except OSError:
+        before, method = 0.0, "ru_maxrss (not resettable here: includes start-up)"
+step()                                         # the first step: memory (later steps reuse cached blocks)
+if amp:
+    torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() / 2**30
+elif method.startswith("VmHWM"):
+    peak = status_gib("VmHWM")
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 t0 = time.perf_counter()
 for _ in range(steps): step()
 if amp: torch.cuda.synchronize()
 sec = (time.perf_counter() - t0) / steps
-peak = torch.cuda.max_memory_allocated() / 2**30 if amp else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps({"seconds_per_step": sec, "peak_gib": peak,
+saved = {}                                     # tensors autograd keeps for backward (exact, allocator-independent)
+def pack(t):
+    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return t
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        model(x0, torch.zeros(batch, dtype=torch.long, device=device), x0 * (1 - mask), mask, cond)
+print(json.dumps({"saved_gib": sum(saved.values()) / 2**30, "seconds_per_step": sec, "peak_gib": peak, "step_gib": peak - before, "memory_method": method,
                   "parameters_millions": sum(p.numel() for p in model.parameters()) / 1e6}))
 """
 
@@ -77,7 +108,9 @@ def main() -> None:
                 "steps_per_s_batch_1": 1 / b1["seconds_per_step"], "steps_per_s_batch_2": 1 / b2["seconds_per_step"],
                 "samples_per_s_batch_2": 2 / b2["seconds_per_step"],
                 "peak_gib_batch_1": b1["peak_gib"], "peak_gib_batch_2": b2["peak_gib"],
-                "memory_per_sample_gib": b2["peak_gib"] - b1["peak_gib"]}
+                "step_memory_gib_batch_1": b1["step_gib"], "step_memory_gib_batch_2": b2["step_gib"],
+                "memory_per_sample_gib": b2["step_gib"] - b1["step_gib"], "memory_method": b1["memory_method"],
+                "saved_for_backward_gib_per_sample": b2["saved_gib"] - b1["saved_gib"]}
     result["targets"] = {"small_memory_per_sample_gib_at_most": 1.5 * 1e9 / 2**30}
     emit(result, args.out)
 

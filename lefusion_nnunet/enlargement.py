@@ -29,7 +29,6 @@ single-process run, and a sharded run can be resumed with any number of ranks.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -45,6 +44,9 @@ import numpy as np
 from lefusion_nnunet.data.dataset import RawDataset, env_folder, load_raw_dataset
 from lefusion_nnunet.data.io import read_image, read_label, write_image_channel, write_label
 from lefusion_nnunet.distributed import init_distributed
+from lefusion_nnunet.enlarge_journal import (JOURNAL_NAME, journal_key, load_journal, merge_journals, new_journal,
+                                             rank_journal_name, record_chunk, remove_unjournaled_files,
+                                             write_merged_journal)
 from lefusion_nnunet.errors import LeFusionInputError
 from lefusion_nnunet.utils import _friendly_os_error, atomic_directory, atomic_write_json, resolve_device
 from lefusion_nnunet.validation import check_checkpoint_fits, check_finite_voxels, validate_dataset
@@ -57,10 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CASES_FROM = ("lesion-free", "all")
-JOURNAL_NAME = "lefusion_progress.json"
 PROVENANCE_NAME = "lefusion_provenance.json"
 MONTAGE_NAME = "lefusion_montage.png"
-JOURNAL_VERSION = 1
 #: How long a rank waits for the slowest one of a sharded run (uneven shards on a big dataset).
 SHARD_TIMEOUT_MINUTES = 24 * 60
 MONTAGE_ROWS = 24
@@ -168,90 +168,6 @@ def _build_synthesizer(src: RawDataset, checkpoint, settings: VariantSettings, b
 
     path = Path(checkpoint) if checkpoint is not None else find_default_checkpoint(src.name)
     return LesionSynthesizer.from_checkpoint(path, device, settings.sampler, settings.guidance_scale, batch_size)
-
-
-# --------------------------------------------------------------------------------------------------------
-# journal
-def _journal_key(src: RawDataset, settings: VariantSettings, sha: str | None, cases_from: str,
-                 case_ids: list[str], copy_originals: bool) -> dict:
-    return {"source": src.name, "settings": settings.to_dict(), "checkpoint_sha256": sha, "cases_from": cases_from,
-            "case_ids": list(case_ids), "copy_originals": bool(copy_originals)}
-
-
-def _case_files(folder: Path, case_id: str, n_channels: int, ending: str) -> list[Path]:
-    return [folder / "imagesTr" / f"{case_id}_{i:04d}{ending}" for i in range(n_channels)] + \
-        [folder / "labelsTr" / f"{case_id}{ending}"]
-
-
-def _rank_journal_name(rank: int) -> str:
-    return JOURNAL_NAME if rank == 0 else JOURNAL_NAME.replace(".json", f".rank{rank}.json")
-
-
-def _merge_journals(journal: dict, other: dict) -> None:
-    """Add the cases another rank completed to ``journal`` (in place)."""
-    for part in ("written", "provenance", "warnings"):
-        journal[part].update(other[part])
-    journal["completed"] = sorted(set(journal["completed"]) | set(other["completed"]))
-
-
-def _load_journal(partial: Path, key: dict, n_channels: int, ending: str) -> dict | None:
-    """The journal of an interrupted run (rank journals of a sharded run merged in); ``None`` if there is none."""
-    path = partial / JOURNAL_NAME
-    if not path.is_file():
-        return None
-    journal = None
-    for f in [path] + sorted(partial.glob(JOURNAL_NAME.replace(".json", ".rank*.json"))):
-        try:
-            part = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if part.get("version") != JOURNAL_VERSION or part.get("key") != key:
-            raise LeFusionInputError(f"the interrupted run in {partial} used other settings, source cases or "
-                                     f"checkpoint; rerun with the same options, or without --resume to start over.")
-        if journal is None:
-            journal = part
-        else:
-            _merge_journals(journal, part)
-    if journal is None:
-        return None
-    completed = []
-    for case in journal["completed"]:
-        ids = journal["written"].get(case, [])
-        if all(f.is_file() for s in ids for f in _case_files(partial, s, n_channels, ending)):
-            completed.append(case)
-        else:  # files missing: redo the case
-            for s in ids:
-                journal["provenance"].pop(s, None)
-            journal["written"].pop(case, None)
-            journal["warnings"].pop(case, None)
-    journal["completed"] = completed
-    return journal
-
-
-def _remove_unjournaled_files(partial: Path, journal: dict | None, n_channels: int, ending: str) -> None:
-    """Before resuming: drop what a killed run left that the journal does not vouch for.
-
-    Temporary files (``.tmp-<pid>-...``, ``.<name>.tmp-<pid>``) and case files of source cases not recorded as
-    completed are removed, so the finished dataset holds exactly what an uninterrupted run writes.
-    """
-    keep: set[Path] = set()
-    if journal is not None:
-        for case in journal["completed"]:
-            for s in journal["written"].get(case, []):
-                keep.update(_case_files(partial, s, n_channels, ending))
-    for sub in ("imagesTr", "labelsTr"):
-        folder = partial / sub
-        if folder.is_dir():
-            for f in folder.iterdir():
-                if f in keep:
-                    continue
-                if f.is_dir():
-                    shutil.rmtree(f, ignore_errors=True)
-                else:
-                    f.unlink(missing_ok=True)
-    for f in partial.glob(".*"):
-        if f.is_file():
-            f.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -397,18 +313,17 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
     if clash:
         raise LeFusionInputError(f"synthetic case id {clash[0]} already names a case of {src.name}; rename that case.")
 
-    key = _journal_key(src, settings, getattr(synth.checkpoint, "file_sha256", None), cases_from, case_ids,
+    key = journal_key(src, settings, getattr(synth.checkpoint, "file_sha256", None), cases_from, case_ids,
                        copy_originals)
     journal = None
     if ctx.is_main:  # a sharded run: rank 0 alone prepares the partial folder
         if resume and partial.is_dir():
-            journal = _load_journal(partial, key, n_channels, src.file_ending)
-            _remove_unjournaled_files(partial, journal, n_channels, src.file_ending)
+            journal = load_journal(partial, key, n_channels, src.file_ending)
+            remove_unjournaled_files(partial, journal, n_channels, src.file_ending)
         elif partial.exists():
             shutil.rmtree(partial)
         if journal is None:
-            journal = {"version": JOURNAL_VERSION, "key": key, "completed": [], "written": {}, "provenance": {},
-                       "warnings": {}}
+            journal = new_journal(key)
     notes: list[str] = []
     t_synth, n_made = 0.0, 0
 
@@ -416,12 +331,10 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
         if ctx.is_main:
             (tmp / "imagesTr").mkdir(exist_ok=True)
             (tmp / "labelsTr").mkdir(exist_ok=True)
-            atomic_write_json(tmp / JOURNAL_NAME, journal)
-            for f in tmp.glob(JOURNAL_NAME.replace(".json", ".rank*.json")):  # merged into the journal above
-                f.unlink()
+            write_merged_journal(tmp, journal)        # rank journals of a resumed run were merged by load_journal
         journal = ctx.broadcast_from_main(journal)  # also: the partial folder exists for every rank from here
         resumed = len(journal["completed"])
-        journal_name = _rank_journal_name(ctx.rank)
+        journal_name = rank_journal_name(ctx.rank)
         chunks = variant_chunks(case_ids, settings.per_case, synth.batch_size)
         others = {c for i, chunk in enumerate(chunks) if i % ctx.world_size != ctx.rank for c in chunk}
         done = set(journal["completed"]) | others  # cases this rank does not (re)make
@@ -440,14 +353,7 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
                     _write_case(tmp, case, src, channel)
                 t_synth += time.perf_counter() - t0
                 n_made += len(cases)
-                for c in todo:
-                    journal["written"][c] = [s.case_id for s in cases if s.source_case == c]
-                    journal["warnings"][c] = [
-                        {"text": str(w), "reason": getattr(w, "reason", str(w)), "skipped": getattr(w, "skipped", True)}
-                        for w in warnings if getattr(w, "case_id", c) == c]
-                for case in cases:
-                    journal["provenance"][case.case_id] = case.provenance
-                journal["completed"] = sorted(set(journal["completed"]) | set(todo))
+                record_chunk(journal, todo, cases, warnings)
                 atomic_write_json(tmp / journal_name, journal)
                 done.update(todo)
                 bar.update(len(todo))
@@ -459,12 +365,10 @@ def enlarge(source: str | int | Path, destination: str | int, checkpoint: str | 
             ctx.shutdown()
             return summary
         for other, t_other, n_other in shards[1:]:
-            _merge_journals(journal, other)
+            merge_journals(journal, other)
             t_synth, n_made = max(t_synth, t_other), n_made + n_other  # ranks run side by side
         if ctx.active:
-            atomic_write_json(tmp / JOURNAL_NAME, journal)
-            for f in tmp.glob(JOURNAL_NAME.replace(".json", ".rank*.json")):
-                f.unlink()
+            write_merged_journal(tmp, journal)
 
         provenance = dict(sorted(journal["provenance"].items()))
         synthetic = sorted(provenance)

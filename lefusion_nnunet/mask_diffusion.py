@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from lefusion_nnunet.data.config import DataConfig
-from lefusion_nnunet.data.masks import keep_largest_component, roi_mask_to_native, sphere_volume_mm3
+from lefusion_nnunet.data.masks import (equivalent_diameter_mm, keep_largest_component, mask_volume_mm3,
+                                        roi_mask_to_native, sphere_volume_mm3)
+from lefusion_nnunet.data.roi import extract_roi_mask, roi_origin_for_center
 from lefusion_nnunet.diffusion import DDIMInpaintSampler, DenoiserConfig, LesionDenoiser, NoiseSchedule, SamplerConfig, \
     ScheduleConfig
 from lefusion_nnunet.errors import LeFusionInputError
@@ -36,7 +38,7 @@ from lefusion_nnunet.mask_shapes import (MASK_FEATURES, VOLUME_TOLERANCE, center
                                          reference_mm, sphere_channel)
 from lefusion_nnunet.training.checkpoint import load_checkpoint_content
 from lefusion_nnunet.training.mask_trainer import DEFAULT_MASK_SAMPLER, collect_mask_rois, train_mask_model
-from lefusion_nnunet.utils import sha256_file
+from lefusion_nnunet.utils import resolve_device, sha256_file
 
 __all__ = ["LoadedMaskCheckpoint", "load_mask_checkpoint", "GeneratedMask", "MaskGenerator",
            "check_mask_checkpoint_matches", "generate_case_mask",

@@ -148,9 +148,11 @@ def test_bad_shapes_raise():
 
 
 @pytest.mark.parametrize("stride,kernel", [(1, 3), (2, 3), (1, 1)])
-def test_onednn_conv3d_matches_torch_conv3d_values_and_gradients(stride, kernel):
-    """The CPU conv that always takes oneDNN (PyTorch sends small batch-1 3D convs to a slow kernel) computes
-    what nn.Conv3d computes, forward and backward, in both memory formats, and keeps nn.Conv3d's state dict."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_onednn_conv3d_matches_torch_conv3d_values_and_gradients(stride, kernel, batch):
+    """The CPU conv that always takes oneDNN (PyTorch sends small batch-1 3D convs to a slow kernel, forward and
+    backward) computes what nn.Conv3d computes, forward and backward (input, weight and bias gradients), in both
+    memory formats, and keeps nn.Conv3d's state dict."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN not built into this torch")
     from lefusion_nnunet.diffusion.unet import Conv3d
@@ -160,15 +162,21 @@ def test_onednn_conv3d_matches_torch_conv3d_values_and_gradients(stride, kernel)
     ours = Conv3d(6, 10, kernel, stride=stride, padding=kernel // 2)
     ours.load_state_dict(ref.state_dict())
     for fmt in (torch.contiguous_format, torch.channels_last_3d):
-        x = torch.randn(1, 6, 8, 12, 10).contiguous(memory_format=fmt)
+        x = torch.randn(batch, 6, 8, 12, 10).contiguous(memory_format=fmt)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         a, b = ref(xa), ours(xb)
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
         a.square().sum().backward()
         b.square().sum().backward()
+        assert xb.grad.shape == xa.grad.shape
         torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-3)
         ref.zero_grad(), ours.zero_grad()
+    frozen = torch.randn(batch, 6, 8, 12, 10)                 # weight gradients only (input needs none)
+    ours(frozen).sum().backward()
+    ref(frozen).sum().backward()
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-3)
     assert set(ours.state_dict()) == set(ref.state_dict())
 
 

@@ -123,19 +123,54 @@ def _groups(channels: int) -> int:
     return g
 
 
-class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` that always takes oneDNN (mkldnn) for float32 inputs on CPU.
+class _OneDnnConv3dFunction(torch.autograd.Function):
+    """oneDNN 3D convolution whose backward also stays on oneDNN at batch 1.
 
-    PyTorch's CPU heuristic sends a batch-1 3D convolution whose ``N * C * Z * Y`` is at most 20,480 (every
-    level of the ``small`` preset at 64x64x32) to its im2col kernel, measured 5-12x slower than oneDNN on
+    The backward PyTorch registers for ``mkldnn_convolution`` re-runs the backend choice, which again picks the
+    im2col kernel at batch 1 (a batch-1 training step of ``tiny`` measured 3-4x slower than a batch-2 step). A
+    batch-1 backward therefore runs at batch 2 with a zero-gradient twin of the sample: the twin adds nothing
+    to the weight and bias gradients, and its input gradient is dropped.
+    """
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Tensor, bias: Tensor | None, padding, stride, dilation,
+                groups: int) -> Tensor:
+        ctx.save_for_backward(input, weight)
+        ctx.conv = (list(padding), list(stride), list(dilation), groups, None if bias is None else list(bias.shape))
+        return torch.ops.aten.mkldnn_convolution(input, weight, bias, padding, stride, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        input, weight = ctx.saved_tensors
+        padding, stride, dilation, groups, bias_sizes = ctx.conv
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_sizes is not None and ctx.needs_input_grad[2]]
+        n = input.shape[0]
+        if n == 1:
+            input = torch.cat([input, input])
+            grad_out = torch.cat([grad_out, torch.zeros_like(grad_out)])
+        grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, input, weight, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups, mask)
+        if grad_in is not None:
+            grad_in = grad_in[:n]
+        return grad_in, grad_w, grad_b, None, None, None, None
+
+
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that always takes oneDNN (mkldnn) for float32 inputs on CPU, forward and backward.
+
+    PyTorch's CPU heuristic sends a batch-1 3D convolution whose ``N * C * Z * Y`` is at most 20,480 (the deeper
+    levels of the ``small`` preset at 64x64x32) to its im2col kernel, measured 5-12x slower than oneDNN on
     2 cores, so single-lesion sampling ran at a quarter of the batch-4 throughput. Same parameters and
-    state-dict keys as ``nn.Conv3d``; gradients flow as usual; other devices and dtypes are untouched.
+    state-dict keys as ``nn.Conv3d``; other devices and dtypes are untouched.
     """
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if (input.device.type == "cpu" and input.dtype == torch.float32 and weight.dtype == torch.float32
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad):
+                return _OneDnnConv3dFunction.apply(input, weight, bias, self.padding, self.stride, self.dilation,
+                                                   self.groups)
             return torch.ops.aten.mkldnn_convolution(input, weight, bias, self.padding, self.stride, self.dilation,
                                                      self.groups)
         return super()._conv_forward(input, weight, bias)
