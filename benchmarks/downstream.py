@@ -565,7 +565,7 @@ def _diffmask_arm(args, train_ds, labels, region, roi, ckpt, raw, work, dest, re
     if "diffusion" not in MASK_SOURCES:
         return {"skipped": "this version of lefusion_nnunet.variants has no --mask-source diffusion"}
     try:
-        from lefusion_nnunet.mask_diffusion import train_mask_model
+        from lefusion_nnunet.training.mask_trainer import train_mask_model
     except ImportError as exc:
         return {"skipped": f"mask diffusion is not available ({exc})"}
     d = reuse("lefusion-diffmask")

@@ -33,8 +33,9 @@ from lefusion_nnunet.data.masks import (allowed_region, mask_volume_mm3, sphere_
 from lefusion_nnunet.data.phantom import PhantomConfig, generate_chest_phantom
 from lefusion_nnunet.data.phantom_cardiac import CardiacPhantomConfig, generate_cardiac_phantom
 from lefusion_nnunet.data.roi import RoiGeometry
-from lefusion_nnunet.mask_diffusion import MaskGenerator, load_mask_checkpoint, train_mask_model
+from lefusion_nnunet.mask_diffusion import MaskGenerator, load_mask_checkpoint
 from lefusion_nnunet.synthesis import seeded_generator, seeded_rng
+from lefusion_nnunet.training.mask_trainer import train_mask_model
 from lefusion_nnunet.training.trainer import TrainConfig
 
 BOUNDARIES = (0.0, 0.5, 1.0)

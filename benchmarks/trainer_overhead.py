@@ -130,7 +130,7 @@ def run(argv: list[str] | None = None) -> dict:
         for _ in range(args.blocks):
             times["nnUNetTrainer"] += _time_block(baseline, per_block)
             times["LeFusionTrainer"] += _time_block(lefusion, per_block)
-        from lefusion_nnunet.integration.bank import read_draws
+        from lefusion_nnunet.integration.swap_dataset import read_draws
 
         draws = read_draws(lefusion.lefusion_draws_log) if bank is not None else None
         for trainer in (baseline, lefusion):

@@ -77,7 +77,8 @@ def pack(t):
 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         model(x0, torch.zeros(batch, dtype=torch.long, device=device), x0 * (1 - mask), mask, cond)
-print(json.dumps({"saved_gib": sum(saved.values()) / 2**30, "seconds_per_step": sec, "peak_gib": peak, "step_gib": peak - before, "memory_method": method,
+print(json.dumps({"seconds_per_step": sec, "peak_gib": peak, "step_gib": peak - before, "memory_method": method,
+                  "saved_gib": sum(saved.values()) / 2**30,
                   "parameters_millions": sum(p.numel() for p in model.parameters()) / 1e6}))
 """
 

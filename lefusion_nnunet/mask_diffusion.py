@@ -1,4 +1,5 @@
-"""
+"""Lesion mask diffusion ("DiffMask"): generate lesion masks with size, location and boundary control.
+
 A second diffusion model learns the *shape* of the lesions of a dataset, on the same kind of model grid as
 the lesion model (ROI size and spacing, z, y, x). It reuses :class:`~lefusion_nnunet.diffusion.LesionDenoiser`:
 
@@ -12,9 +13,11 @@ the lesion model (ROI size and spacing, z, y, x). It reuses :class:`~lefusion_nn
 * ``cond``: 4 features per channel (relative equivalent diameter, irregularity = 1 - sphericity, present,
   volume fraction of the whole lesion); dropped with probability ``cond_dropout`` (learned null condition).
 
-Training is :func:`lefusion_nnunet.training.mask_trainer.train_mask_model`; the encodings and the post-processing
-that turns sampled channels into masks of the requested size and boundary are in :mod:`lefusion_nnunet.mask_shapes`.
-This module loads mask checkpoints and samples masks (:class:`MaskGenerator`, :func:`generate_case_mask`).
+Training is :func:`lefusion_nnunet.training.mask_trainer.train_mask_model` (plain eps MSE over all voxels: a mask
+is the whole ROI). This module loads mask checkpoints and samples masks (:class:`MaskGenerator`,
+:func:`generate_case_mask`): DDIM over the whole ROI (the inpainting sampler with an all-ones generation mask), then
+:func:`lefusion_nnunet.mask_shapes.postprocess_masks` turns the sampled channels into masks of the requested size
+and boundary (the encodings are in :mod:`lefusion_nnunet.mask_shapes` too).
 """
 from __future__ import annotations
 
@@ -30,21 +33,17 @@ from lefusion_nnunet.data.config import DataConfig
 from lefusion_nnunet.data.masks import (equivalent_diameter_mm, keep_largest_component, mask_volume_mm3,
                                         roi_mask_to_native, sphere_volume_mm3)
 from lefusion_nnunet.data.roi import extract_roi_mask, roi_origin_for_center
-from lefusion_nnunet.diffusion import DDIMInpaintSampler, DenoiserConfig, LesionDenoiser, NoiseSchedule, SamplerConfig, \
-    ScheduleConfig
+from lefusion_nnunet.diffusion import (DDIMInpaintSampler, DenoiserConfig, LesionDenoiser, NoiseSchedule,
+                                       SamplerConfig, ScheduleConfig)
 from lefusion_nnunet.errors import LeFusionInputError
-from lefusion_nnunet.mask_shapes import (MASK_FEATURES, VOLUME_TOLERANCE, center_distance_mm, check_boundary,
-                                         cumulative_channels, decode_cumulative, mask_features, postprocess_masks,
-                                         reference_mm, sphere_channel)
+from lefusion_nnunet.mask_shapes import (MASK_FEATURES, VOLUME_TOLERANCE, check_boundary, decode_cumulative,
+                                         postprocess_masks, reference_mm, sphere_channel)
 from lefusion_nnunet.training.checkpoint import load_checkpoint_content
-from lefusion_nnunet.training.mask_trainer import DEFAULT_MASK_SAMPLER, collect_mask_rois, train_mask_model
+from lefusion_nnunet.training.mask_trainer import DEFAULT_MASK_SAMPLER
 from lefusion_nnunet.utils import resolve_device, sha256_file
 
 __all__ = ["LoadedMaskCheckpoint", "load_mask_checkpoint", "GeneratedMask", "MaskGenerator",
-           "check_mask_checkpoint_matches", "generate_case_mask",
-           # re-exported for callers of the original single module
-           "MASK_FEATURES", "DEFAULT_MASK_SAMPLER", "cumulative_channels", "decode_cumulative", "sphere_channel",
-           "center_distance_mm", "mask_features", "postprocess_masks", "collect_mask_rois", "train_mask_model"]
+           "check_mask_checkpoint_matches", "generate_case_mask"]
 
 
 # ------------------------------------------------------------------------------------------------------------

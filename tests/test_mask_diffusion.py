@@ -24,8 +24,9 @@ from lefusion_nnunet.data.phantom_cardiac import CardiacPhantomConfig, generate_
 from lefusion_nnunet.data.roi import RoiGeometry, extract_roi_mask, roi_origin_for_center
 from lefusion_nnunet.diffusion import SamplerConfig
 from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
-from lefusion_nnunet.mask_diffusion import (MaskGenerator, cumulative_channels, decode_cumulative,
-                                            load_mask_checkpoint, postprocess_masks, sphere_channel, train_mask_model)
+from lefusion_nnunet.mask_diffusion import MaskGenerator, load_mask_checkpoint
+from lefusion_nnunet.mask_shapes import cumulative_channels, decode_cumulative, postprocess_masks, sphere_channel
+from lefusion_nnunet.training.mask_trainer import train_mask_model
 from lefusion_nnunet.training.checkpoint import load_checkpoint_content
 from lefusion_nnunet.training.trainer import TrainConfig
 from lefusion_nnunet.variants import VariantSettings, make_variants, voxel_to_world, world_to_voxel

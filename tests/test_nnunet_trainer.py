@@ -23,6 +23,7 @@ from lefusion_nnunet.errors import LeFusionInputError
 
 variants_mod = pytest.importorskip("lefusion_nnunet.variants")
 from lefusion_nnunet.integration import bank as bank_mod  # noqa: E402
+from lefusion_nnunet.integration.swap_dataset import SyntheticSwapDataset, read_draws  # noqa: E402
 from lefusion_nnunet.integration.trainer_settings import (TrainerSettings, load_trainer_settings,  # noqa: E402
                                                           write_trainer_settings)
 
@@ -370,7 +371,7 @@ def _swap_dataset(tiny, probability, log=None):
     root = tiny["pre"] / bank_mod.BANK_FOLDER
     bank = bank_mod.ensure_bank(_spec(tiny), root, _build_fn(tiny), log=lambda m: None)
     real = nnUNetDatasetBlosc2(str(tiny["data"]), ["case000", "case001", "case003", "case004"])
-    return bank_mod.SyntheticSwapDataset(real, bank, nnUNetDatasetBlosc2, probability, log)
+    return SyntheticSwapDataset(real, bank, nnUNetDatasetBlosc2, probability, log)
 
 
 def _draw_in_child(dataset, n, queue):
@@ -384,7 +385,7 @@ def test_swap_dataset_draws_variants_with_probability_p(tiny):
     for _ in range(5):
         assert ds.load_case("case003")[3]["lefusion_source_case"] == "case003"
         assert "lefusion_source_case" not in ds.load_case("case000")[3]  # lesion case: always real
-    stats = bank_mod.read_draws(log)
+    stats = read_draws(log)
     assert (stats.loads, stats.synthetic, stats.sources) == (10, 5, ("case003",))
 
     ds0 = _swap_dataset(tiny, 0.0)
@@ -410,7 +411,7 @@ def test_swap_dataset_pickles_and_forked_workers_log_and_differ(tiny):
     for p in procs:
         p.join(timeout=60)
     assert results[0] != results[1]  # each process draws from its own generator
-    assert bank_mod.read_draws(log).loads == 121
+    assert read_draws(log).loads == 121
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -437,14 +438,14 @@ def test_trainer_trains_on_synthetic_cases_of_training_split_only(tiny, monkeypa
     t.on_train_start()
     assert tiny["calls"].make_variants == [["case003", "case004"]]  # fold 0 training split, lesion-free only
     swap = t.dataloader_train.data_loader._data
-    assert isinstance(swap, bank_mod.SyntheticSwapDataset)
+    assert isinstance(swap, SyntheticSwapDataset)
     assert t.dataloader_val.data_loader._data.identifiers == ["case002", "case005"]
-    assert not isinstance(t.dataloader_val.data_loader._data, bank_mod.SyntheticSwapDataset)
+    assert not isinstance(t.dataloader_val.data_loader._data, SyntheticSwapDataset)
     for _ in range(6):
         batch = next(t.dataloader_train)
         assert batch["data"].shape[0] == t.batch_size
     t.on_train_end()
-    stats = bank_mod.read_draws(Path(t.output_folder) / "lefusion_draws.log")
+    stats = read_draws(Path(t.output_folder) / "lefusion_draws.log")
     assert stats.synthetic > 0 and set(stats.sources) <= {"case003", "case004"}
     log_text = Path(t.log_file).read_text()
     assert "LeFusion: 4 synthetic cases of 2 lesion-free training cases (of 4)" in log_text
@@ -473,7 +474,7 @@ def test_trainer_with_forked_augmentation_workers(tiny, monkeypatch):
     for _ in range(4):
         next(t.dataloader_train)
     t.on_train_end()
-    stats = bank_mod.read_draws(Path(t.output_folder) / "lefusion_draws.log")
+    stats = read_draws(Path(t.output_folder) / "lefusion_draws.log")
     assert stats.synthetic > 0 and set(stats.sources) <= {"case003", "case004"}
 
 
@@ -482,7 +483,7 @@ def test_trainer_without_lesion_free_training_cases_trains_real_only(tiny, monke
     (tiny["pre"] / "splits_final.json").write_text(json.dumps(splits))
     t = _make_trainer()
     t.on_train_start()
-    assert not isinstance(t.dataloader_train.data_loader._data, bank_mod.SyntheticSwapDataset)
+    assert not isinstance(t.dataloader_train.data_loader._data, SyntheticSwapDataset)
     assert tiny["calls"].make_variants == []
     assert "no lesion-free case" in Path(t.log_file).read_text()
     t.on_train_end()
@@ -580,7 +581,7 @@ def test_end_to_end_real_commands(tmp_path, installed_shim):
     assert (fold / "validation" / "summary.json").is_file()
 
     splits = json.loads((pre / "splits_final.json").read_text())[0]
-    stats = bank_mod.read_draws(fold / "lefusion_draws.log")
+    stats = read_draws(fold / "lefusion_draws.log")
     assert stats.synthetic > 0, "no synthetic case was drawn during training"
     assert set(stats.sources) <= set(splits["train"]) and not set(stats.sources) & set(splits["val"])
     banks = [b for b in (pre / "lefusion_bank").iterdir() if not b.name.startswith(".")]

@@ -42,7 +42,7 @@ def run_train_mask(args: argparse.Namespace) -> int:
     from lefusion_nnunet.data.dataset import load_raw_dataset
     from lefusion_nnunet.data.lesions import median_spacing
     from lefusion_nnunet.data.roi import RoiGeometry
-    from lefusion_nnunet.mask_diffusion import train_mask_model
+    from lefusion_nnunet.training.mask_trainer import train_mask_model
     from lefusion_nnunet.paths import default_run_dir
     from lefusion_nnunet.training.trainer import TrainConfig
 

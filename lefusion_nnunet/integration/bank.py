@@ -21,7 +21,7 @@ A build happens in a ``.<key>.partial`` sibling folder renamed into place when c
 leaves nothing that is ever read), under a file lock (two runs never build the same bank at once). With
 DDP only rank 0 builds; the other ranks wait for the manifest.
 
-:class:`~lefusion_nnunet.integration.swap_dataset.SyntheticSwapDataset` (re-exported here) wraps nnU-Net's
+:class:`~lefusion_nnunet.integration.swap_dataset.SyntheticSwapDataset` wraps nnU-Net's
 training dataset so that ``load_case(source)`` returns one of the source's variants with probability P, and
 records each load in a draws log.
 """
@@ -40,7 +40,6 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from lefusion_nnunet.errors import LeFusionInputError
-from lefusion_nnunet.integration.swap_dataset import DrawStats, SyntheticSwapDataset, read_draws  # noqa: F401 (API)
 from lefusion_nnunet.utils import atomic_directory, atomic_write_json
 
 BANK_FOLDER = "lefusion_bank"

@@ -30,6 +30,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import empty_cache
 
 from lefusion_nnunet.integration import bank as _bank
+from lefusion_nnunet.integration.swap_dataset import SyntheticSwapDataset, read_draws
 from lefusion_nnunet.integration.trainer_settings import load_trainer_settings, resolve_checkpoint
 
 __all__ = ["LeFusionTrainer", "LeFusionTrainer_1epoch", "LeFusionTrainer_5epochs", "LeFusionTrainer_p025",
@@ -64,7 +65,7 @@ class LeFusionTrainer(nnUNetTrainer):
     def on_train_end(self):
         super().on_train_end()
         if self.lefusion_bank is not None and self.lefusion_draws_log is not None:
-            stats = _bank.read_draws(self.lefusion_draws_log, self._lefusion_draws_offset)
+            stats = read_draws(self.lefusion_draws_log, self._lefusion_draws_offset)
             self.print_to_log_file(
                 f"LeFusion: {stats.synthetic} of {stats.loads} training case loads used a synthetic case "
                 f"({stats.distinct_variants} distinct variants of {len(stats.sources)} source cases; "
@@ -101,7 +102,7 @@ class LeFusionTrainer(nnUNetTrainer):
             f"{settings.probability}; bank {bank.folder} ({how}, {len(bank.warnings)} warnings)")
         for warning in bank.warnings[:20]:
             self.print_to_log_file(f"LeFusion warning: {warning}")
-        return _bank.SyntheticSwapDataset(dataset_tr, bank, self.dataset_class, settings.probability,
+        return SyntheticSwapDataset(dataset_tr, bank, self.dataset_class, settings.probability,
                                           self.lefusion_draws_log)
 
     def _lefusion_validate(self, settings, data, free: list[str]) -> None:
