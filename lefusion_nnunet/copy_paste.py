@@ -48,6 +48,7 @@ from lefusion_nnunet.data.config import DataConfig
 from lefusion_nnunet.data.histogram import HIST_BINS, Prototypes, TextureSpec, cluster_prototypes, lesion_histogram, \
     resolve_texture
 from lefusion_nnunet.data.intensity import IntensitySpace, derive_ct_window
+from lefusion_nnunet.data.masks import lesion_components
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.errors import LeFusionInputError
 
@@ -135,12 +136,7 @@ def collect_source_lesions(dataset, lesion_labels: Sequence[int], channel: int =
         check_same_grid(vol.properties, lprops, case.images[0], case.label, vol.shape_zyx, label.shape)
         image = vol.channel(int(channel))
         value_range = _case_value_range(intensity, image) if intensity is not None else (0.0, 1.0)
-        components, _ = ndimage.label(union, structure=np.ones((3, 3, 3)))
-        for comp, sl in enumerate(ndimage.find_objects(components), start=1):
-            if sl is None:
-                continue
-            region = components[sl] == comp
-            masks = np.stack([region & (label[sl] == v) for v in labels])
+        for comp, sl, masks in lesion_components(label, labels):
             out.append(SourceLesion(str(case.case_id), comp, tuple(float(s) for s in vol.spacing),
                                     np.array(image[sl], np.float32), masks, value_range))
     return out

@@ -9,8 +9,8 @@ from scipy import ndimage
 
 from lefusion_nnunet.data.mask_library import MaskLibrary, RealMask
 from lefusion_nnunet.data.masks import (allowed_region, body_mask, ellipsoid_mask, equivalent_diameter_mm,
-                                        mask_equivalent_diameter, paste_mask, place_mask, sphere_volume_mm3,
-                                        valid_offsets)
+                                        lesion_components, mask_equivalent_diameter, paste_mask, place_mask,
+                                        sphere_volume_mm3, valid_offsets)
 from lefusion_nnunet.errors import LeFusionInputError
 
 
@@ -191,3 +191,21 @@ def test_body_mask_fills_enclosed_air_and_allowed_priorities():
     assert (b == (region > 0)).all()
     with pytest.raises(LeFusionInputError, match="shape"):
         allowed_region(label, region_mask=region[:5])
+
+
+def test_lesion_components_keep_the_classes_of_one_lesion_together():
+    """Two separate lesions (one of two touching classes, one of a single class) and a diagonal neighbour that
+    26-connectivity joins: one class stack per lesion, cropped to its box, classes in the requested order."""
+    label = np.zeros((6, 8, 8), np.uint8)
+    label[1:3, 1:3, 1:3] = 3                      # lesion A: class 3 ...
+    label[1:3, 1:3, 3] = 4                        # ... touching class 4
+    label[3, 3, 4] = 4                            # diagonal neighbour of A's class-4 part (26-connected)
+    label[4:6, 6:8, 6:8] = 4                      # lesion B: class 4 only
+    label[0, 7, 0] = 1                            # another label: ignored
+    found = list(lesion_components(label, [3, 4]))
+    assert [c for c, _, _ in found] == [1, 2]
+    (_, sl_a, a), (_, sl_b, b) = found
+    assert a.shape == (2, 3, 3, 4) and sl_a == (slice(1, 4), slice(1, 4), slice(1, 5))
+    assert a[0].sum() == 8 and a[1].sum() == 5 and not (a[0] & a[1]).any()
+    assert b.shape == (2, 2, 2, 2) and b[0].sum() == 0 and b[1].all()
+    assert list(lesion_components(label, [7])) == []

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from lefusion_nnunet.data.masks import (REAL_MAX_ANGLE_DEG, REAL_SCALE_LIMITS, Spacing, _check_spacing, crop_to_mask,
-                                        mask_equivalent_diameter)
+                                        lesion_components, mask_equivalent_diameter)
 from lefusion_nnunet.errors import LeFusionInputError
 
 __all__ = ["RealMask", "MaskLibrary"]
@@ -70,16 +70,8 @@ class MaskLibrary:
             if case.label is None:
                 continue
             label, props = read_label(case.label)
-            union = np.isin(label, lesion_labels)
-            if not union.any():
-                continue
             spacing = tuple(float(s) for s in props["spacing"])
-            components, n = ndimage.label(union, structure=np.ones((3, 3, 3)))
-            for comp, sl in enumerate(ndimage.find_objects(components), start=1):
-                if sl is None:
-                    continue
-                region = components[sl] == comp
-                stack = np.stack([region & (label[sl] == v) for v in lesion_labels])
+            for comp, _, stack in lesion_components(label, lesion_labels):
                 entries.append(RealMask(stack, spacing, str(case.case_id), comp))  # type: ignore[arg-type]
         if not entries:
             raise LeFusionInputError(f"{dataset.folder} has no lesion with label(s) {lesion_labels} to take real "

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -390,6 +390,23 @@ def roi_mask_to_native(masks_czyx: np.ndarray, origin_zyx, native_spacing: Spaci
             out[c][box] = ndimage.map_coordinates(masks[c].astype(np.float32), grid, order=1, mode="constant",
                                                   cval=0.0) >= 0.5
     return out
+
+
+def lesion_components(label_zyx: np.ndarray, lesion_labels: Sequence[int]
+                      ) -> Iterator[tuple[int, tuple[slice, slice, slice], np.ndarray]]:
+    """Each 26-connected lesion of a label map: the components of the union of ``lesion_labels``.
+
+    Yields ``(component number from 1, bounding-box slices (z, y, x), bool class stack (C, z, y, x) cropped to
+    the box)``; channel c holds the component's voxels of ``lesion_labels[c]``, so the classes of one lesion stay
+    together.
+    """
+    union = np.isin(label_zyx, lesion_labels)
+    components, _ = ndimage.label(union, structure=np.ones((3, 3, 3)))
+    for comp, sl in enumerate(ndimage.find_objects(components), start=1):
+        if sl is None:
+            continue
+        region = components[sl] == comp
+        yield comp, sl, np.stack([region & (label_zyx[sl] == v) for v in lesion_labels])
 
 
 def keep_largest_component(mask_zyx: np.ndarray) -> np.ndarray:

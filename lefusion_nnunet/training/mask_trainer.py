@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -31,9 +31,9 @@ from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
 from lefusion_nnunet.mask_shapes import MASK_FEATURES, cumulative_channels, mask_features, reference_mm, sphere_channel
 from lefusion_nnunet.training.checkpoint import load_checkpoint_content, save_checkpoint
 from lefusion_nnunet.training.trainer import (FINAL, LATEST, LOG, PLOT, TrainConfig, _plot_loss,
-                                              _remove_stale_temporaries, _version, build_data_config,
-                                              check_run_folder, init_training_state, optimizer_step, read_log_rows,
-                                              step_generators)
+                                              _remove_stale_temporaries, build_data_config, check_run_folder,
+                                              init_training_state, optimizer_step, read_log_rows, step_generators,
+                                              training_state_content)
 from lefusion_nnunet.utils import _friendly_os_error, atomic_write_bytes, resolve_device
 
 __all__ = ["DEFAULT_MASK_SAMPLER", "MaskRoiSet", "collect_mask_rois", "train_mask_model"]
@@ -181,12 +181,9 @@ def train_mask_model(dataset: RawDataset, lesion_labels: Sequence[int], out_dir:
 
     def checkpoint(path: Path) -> None:
         save_checkpoint(path, {
-            "kind": "mask", "model_config": model_config.to_dict(), "schedule_config": asdict(schedule_config),
-            "train_config": config.to_dict(), "data_config": data_config.to_dict(),
-            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "ema_state": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
-            "optimizer_state": optimizer.state_dict(), "step": step, "training_summary": summary,
-            "sampler_defaults": DEFAULT_MASK_SAMPLER.to_dict(), "package_version": _version()})
+            **training_state_content("mask", model, ema, optimizer, step, model_config, schedule_config, config,
+                                     data_config),
+            "training_summary": summary, "sampler_defaults": DEFAULT_MASK_SAMPLER.to_dict()})
 
     bar = tqdm(total=config.steps, initial=step, desc="training mask model", disable=not progress, unit="step")
     t_last, step_last = time.perf_counter(), step

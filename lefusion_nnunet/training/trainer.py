@@ -118,6 +118,18 @@ def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, ema: torch.nn.Mod
             b_ema.copy_(b)
 
 
+def training_state_content(kind: str, model: torch.nn.Module, ema: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer, step: int, model_config: DenoiserConfig,
+                           schedule_config: ScheduleConfig, config: TrainConfig, data_config: DataConfig) -> dict:
+    """The checkpoint entries every diffusion training run writes (what :func:`init_training_state` restores, plus
+    the configs); callers add their kind-specific entries. Tensors are detached CPU copies."""
+    return {"kind": kind, "model_config": model_config.to_dict(), "schedule_config": asdict(schedule_config),
+            "train_config": config.to_dict(), "data_config": data_config.to_dict(),
+            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "ema_state": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+            "optimizer_state": optimizer.state_dict(), "step": step, "package_version": _version()}
+
+
 class _Augment:
     """Random flips along y and x of an ROI batch (numpy generator)."""
 
@@ -311,13 +323,9 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
 
     def checkpoint(path: Path) -> None:
         save_checkpoint(path, {
-            "kind": "lesion", "model_config": model_config.to_dict(), "schedule_config": asdict(schedule_config),
-            "train_config": config.to_dict(), "data_config": data_config.to_dict(),
-            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "ema_state": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
-            "optimizer_state": optimizer.state_dict(), "step": step, "prototypes": prototypes,
-            "training_histograms": hists.clone(), "training_summary": summary,
-            "package_version": _version()})
+            **training_state_content("lesion", model, ema, optimizer, step, model_config, schedule_config, config,
+                                     data_config),
+            "prototypes": prototypes, "training_histograms": hists.clone(), "training_summary": summary})
 
     augment = _Augment()
     use_amp = device.startswith("cuda")
