@@ -12,7 +12,7 @@ For a dataset with few labelled lesion cases and many lesion-free cases, the sam
 
 each with several seeds, and scored on held-out real cases: lesion Dice (mean over held-out cases with a lesion,
 and pooled over all voxels), per-lesion detection sensitivity and false-positive components per case
-(:mod:`lefusion_nnunet.evaluation`), reported as mean ± sample std over seeds.
+(:mod:`lefusion_nnunet.evaluation.downstream`), reported as mean ± sample std over seeds.
 
 Data. ``DATASET = phantom`` generates the chest phantom (default 5 lesion + 15 lesion-free training cases,
 nodules of three textures) and an independent held-out set from another seed (default 12 lesion + 4 lesion-free
@@ -365,8 +365,8 @@ def _write_dataset_json(folder: Path, name: str, channel_names: dict, labels: di
 
 def make_phantom_data(args, raw: Path) -> dict:
     """Training phantom (few lesion cases, many lesion-free) + an independent held-out phantom (other seed)."""
-    from lefusion_nnunet.data.phantom import LABELS, PhantomConfig, generate_chest_phantom, make_phantom_case, \
-        write_case_files, write_raw_dataset
+    from lefusion_nnunet.phantoms.chest import (LABELS, PhantomConfig, generate_chest_phantom, make_phantom_case,
+                                                write_case_files, write_raw_dataset)
 
     shape = tuple(args.shape[::-1]) if args.shape else PhantomConfig().shape_zyx
     n_l, n_f = args.train_lesion_cases, args.train_free_cases
@@ -428,7 +428,7 @@ def split_raw_dataset(args, raw: Path) -> dict:
     """Hold out real cases of an existing dataset; write training / test datasets that reference the files."""
     from lefusion_nnunet.data.dataset import label_presence, load_raw_dataset
     from lefusion_nnunet.errors import LeFusionInputError
-    from lefusion_nnunet.evaluation import held_out_split
+    from lefusion_nnunet.evaluation.downstream import held_out_split
 
     if args.lesion_label is None:
         raise LeFusionInputError("pass --lesion-label for a dataset other than the phantom.")
@@ -461,7 +461,7 @@ def split_raw_dataset(args, raw: Path) -> dict:
 # arms
 # =========================================================================================================
 def _settings(args, mask_source: str, mask_checkpoint: str | None = None, region_label=None):
-    from lefusion_nnunet.variants import VariantSettings
+    from lefusion_nnunet.variant_settings import VariantSettings
 
     kw = {}
     if mask_checkpoint is not None:
@@ -481,7 +481,7 @@ def _roi(args, train_ds):
 
 
 def _train_config(args, preset: str, steps: int, minutes):
-    from lefusion_nnunet.training.trainer import TrainConfig
+    from lefusion_nnunet.training.loop import TrainConfig
 
     return TrainConfig(preset=preset, steps=steps, batch_size=args.lesion_batch_size, seed=args.synthesis_seed,
                        device=args.device, max_minutes=minutes, checkpoint_every=max(steps, 1),
@@ -491,7 +491,7 @@ def _train_config(args, preset: str, steps: int, minutes):
 def build_arms(args, data: dict, raw: Path, work: Path, timings: dict) -> dict:
     """Write the arm datasets (b)-(d); returns arm -> {"dir": folder} or {"skipped": reason}."""
     from lefusion_nnunet.data.dataset import load_raw_dataset
-    from lefusion_nnunet.enlargement import enlarge
+    from lefusion_nnunet.enlargement.run import enlarge
 
     train_ds = load_raw_dataset(data["train_dir"])
     region = data["region_label"]
@@ -514,7 +514,7 @@ def build_arms(args, data: dict, raw: Path, work: Path, timings: dict) -> dict:
     if "copy-paste" in args.arms:
         d = reuse("copy-paste")
         if d is None:
-            from lefusion_nnunet.copy_paste import CopyPasteSynthesizer
+            from lefusion_nnunet.synthesis.copy_paste import CopyPasteSynthesizer
 
             t = time.perf_counter()
             synth = CopyPasteSynthesizer.from_dataset(train_ds, labels, region_label=region, channel=data["channel"],
@@ -528,7 +528,7 @@ def build_arms(args, data: dict, raw: Path, work: Path, timings: dict) -> dict:
 
     ckpt = None
     if {"lefusion", "lefusion-diffmask"} & set(args.arms):
-        from lefusion_nnunet.training.trainer import train_lesion_model
+        from lefusion_nnunet.training.lesion import train_lesion_model
 
         run_dir = work / "lesion_model"
         ckpt = run_dir / "checkpoint_final.pt"
@@ -559,13 +559,13 @@ def build_arms(args, data: dict, raw: Path, work: Path, timings: dict) -> dict:
 
 
 def _diffmask_arm(args, train_ds, labels, region, roi, ckpt, raw, work, dest, reuse, timings) -> dict:
-    from lefusion_nnunet.enlargement import enlarge
-    from lefusion_nnunet.variants import MASK_SOURCES
+    from lefusion_nnunet.enlargement.run import enlarge
+    from lefusion_nnunet.variant_settings import MASK_SOURCES
 
     if "diffusion" not in MASK_SOURCES:
         return {"skipped": "this version of lefusion_nnunet.variants has no --mask-source diffusion"}
     try:
-        from lefusion_nnunet.training.mask_trainer import train_mask_model
+        from lefusion_nnunet.training.mask import train_mask_model
     except ImportError as exc:
         return {"skipped": f"mask diffusion is not available ({exc})"}
     d = reuse("lefusion-diffmask")
@@ -591,7 +591,7 @@ def _diffmask_arm(args, train_ds, labels, region, roi, ckpt, raw, work, dest, re
 def arm_composition(folder: Path, split: dict) -> dict:
     """Case counts of an arm's training set and the provenance map (synthetic -> source case)."""
     from lefusion_nnunet.data.dataset import load_raw_dataset
-    from lefusion_nnunet.enlargement import PROVENANCE_NAME
+    from lefusion_nnunet.enlargement.run import PROVENANCE_NAME
 
     ds = load_raw_dataset(folder)
     prov_file = folder / PROVENANCE_NAME
@@ -609,7 +609,7 @@ def arm_composition(folder: Path, split: dict) -> dict:
 # =========================================================================================================
 def texture_sensitivity(pred: np.ndarray, gt_lesion: np.ndarray, nodules: list[dict]) -> dict[str, list[int]]:
     """Phantom only: texture -> [detected, total] over the case's nodules (by the component at each centre)."""
-    from lefusion_nnunet.evaluation import connected_lesions
+    from lefusion_nnunet.evaluation.downstream import connected_lesions
 
     comps, _ = connected_lesions(gt_lesion)
     out: dict[str, list[int]] = {}
@@ -625,7 +625,7 @@ def texture_sensitivity(pred: np.ndarray, gt_lesion: np.ndarray, nodules: list[d
 
 
 def score_predictions(preds: dict[str, np.ndarray], test_cases, lesion_labels, test_nodules) -> dict:
-    from lefusion_nnunet.evaluation import aggregate, evaluate_case, lesion_union
+    from lefusion_nnunet.evaluation.downstream import aggregate, evaluate_case, lesion_union
 
     metrics, per_texture = [], {}
     for case_id, _image, label, spacing in test_cases:
@@ -790,7 +790,7 @@ def _clean(o):
 # report
 # =========================================================================================================
 def markdown_table(result: dict) -> str:
-    from lefusion_nnunet.evaluation import format_mean_std
+    from lefusion_nnunet.evaluation.downstream import format_mean_std
 
     seeds = result["config"]["seeds"]
     lines = ["| arm | training cases (real + synthetic) | lesion Dice | pooled Dice | sensitivity | FP / case |",
@@ -918,7 +918,7 @@ def main(argv=None) -> int:
     from _common import emit
 
     from lefusion_nnunet.data.dataset import load_raw_dataset
-    from lefusion_nnunet.evaluation import check_no_leakage, connected_lesions, summarize_seeds
+    from lefusion_nnunet.evaluation.downstream import check_no_leakage, connected_lesions, summarize_seeds
 
     t_total = time.perf_counter()
     timings: dict = {}

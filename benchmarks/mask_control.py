@@ -26,17 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lefusion_nnunet.checkpoints.loaders import load_mask_checkpoint
 from lefusion_nnunet.data.dataset import load_raw_dataset
 from lefusion_nnunet.data.io import read_label
-from lefusion_nnunet.data.masks import (allowed_region, mask_volume_mm3, sphere_volume_mm3, sphericity,
-                                        surface_to_volume)
-from lefusion_nnunet.data.phantom import PhantomConfig, generate_chest_phantom
-from lefusion_nnunet.data.phantom_cardiac import CardiacPhantomConfig, generate_cardiac_phantom
+from lefusion_nnunet.data.masks import mask_volume_mm3, sphere_volume_mm3, sphericity, surface_to_volume
+from lefusion_nnunet.data.placement import allowed_region
 from lefusion_nnunet.data.roi import RoiGeometry
-from lefusion_nnunet.mask_diffusion import MaskGenerator, load_mask_checkpoint
-from lefusion_nnunet.synthesis import seeded_generator, seeded_rng
-from lefusion_nnunet.training.mask_trainer import train_mask_model
-from lefusion_nnunet.training.trainer import TrainConfig
+from lefusion_nnunet.phantoms.cardiac import CardiacPhantomConfig, generate_cardiac_phantom
+from lefusion_nnunet.phantoms.chest import PhantomConfig, generate_chest_phantom
+from lefusion_nnunet.seeding import seeded_generator, seeded_rng
+from lefusion_nnunet.synthesis.masks import MaskGenerator
+from lefusion_nnunet.training.loop import TrainConfig
+from lefusion_nnunet.training.mask import train_mask_model
 
 BOUNDARIES = (0.0, 0.5, 1.0)
 SETUPS = {
@@ -50,9 +51,9 @@ SETUPS = {
 
 def _raw_network_ratio(gen: MaskGenerator, allowed, spacing, diameter: float, rng, generator) -> float:
     """Volume of the network's own outer mask (sample >= 0, component on the sphere) / requested volume."""
-    from lefusion_nnunet.data.masks import choose_center
+    from lefusion_nnunet.data.mask_shapes import center_distance_mm, component_on_ball
+    from lefusion_nnunet.data.placement import choose_center
     from lefusion_nnunet.data.roi import extract_roi_mask, roi_origin_for_center
-    from lefusion_nnunet.mask_shapes import center_distance_mm, component_on_ball
 
     roi = gen.data.roi
     center = choose_center(allowed, spacing, diameter / 2, rng)

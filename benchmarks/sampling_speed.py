@@ -35,7 +35,9 @@ from lefusion_nnunet.data.intensity import IntensitySpace
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.diffusion import DenoiserConfig, LesionDenoiser, NoiseSchedule, SamplerConfig, ScheduleConfig
 from lefusion_nnunet.diffusion import make_sampler
-from lefusion_nnunet.synthesis import LesionRequest, LesionSynthesizer, LoadedCheckpoint, seeded_generator
+from lefusion_nnunet.synthesis.lesion import LesionRequest, LesionSynthesizer
+from lefusion_nnunet.checkpoints.loaders import LoadedCheckpoint
+from lefusion_nnunet.seeding import seeded_generator
 
 REFERENCE = {"denoiser": "factorised video UNet, 35.8 M parameters, ~505 GFLOPs per forward at 32x64x64",
              "cpu_seconds_per_evaluation": 12.8, "evaluations_per_lesion_j2_r2": 599,

@@ -30,12 +30,15 @@ import torch
 
 from lefusion_nnunet.data.dataset import load_raw_dataset
 from lefusion_nnunet.data.histogram import histogram_distance, histogram_emd, lesion_histogram
-from lefusion_nnunet.data.phantom import PhantomConfig, generate_chest_phantom
+from lefusion_nnunet.phantoms.chest import PhantomConfig, generate_chest_phantom
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.diffusion import SamplerConfig, make_sampler
-from lefusion_nnunet.synthesis import LesionSynthesizer, load_lesion_checkpoint
-from lefusion_nnunet.training.trainer import TrainConfig, train_lesion_model
-from lefusion_nnunet.variants import VariantSettings, make_variants
+from lefusion_nnunet.synthesis.lesion import LesionSynthesizer
+from lefusion_nnunet.checkpoints.loaders import load_lesion_checkpoint
+from lefusion_nnunet.training.loop import TrainConfig
+from lefusion_nnunet.training.lesion import train_lesion_model
+from lefusion_nnunet.variant_settings import VariantSettings
+from lefusion_nnunet.variants import make_variants
 
 
 def score_sampler(ckpt, dataset, free_cases: list[str], sampler: SamplerConfig, per_proto: int, guidance: float,

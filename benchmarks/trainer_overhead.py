@@ -104,11 +104,11 @@ def run(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from lefusion_nnunet.data.dataset import dataset_folder_name
     from lefusion_nnunet.integration.nnunet_trainer import LeFusionTrainer
     from lefusion_nnunet.integration.trainer_settings import ENV_CHECKPOINT, load_trainer_settings
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     name = make_demo(args.demo.resolve()) if args.demo else dataset_folder_name(args.dataset)
     # resolve the checkpoint before nnUNet_results is pointed at a scratch folder for the trainers' logs

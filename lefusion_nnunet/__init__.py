@@ -14,6 +14,6 @@ __version__ = "0.1.0"
 
 def enlarge(*args, **kwargs):
     """Offline dataset enlargement; see :func:`lefusion_nnunet.enlargement.enlarge`."""
-    from lefusion_nnunet.enlargement import enlarge as _enlarge
+    from lefusion_nnunet.enlargement.run import enlarge as _enlarge
 
     return _enlarge(*args, **kwargs)

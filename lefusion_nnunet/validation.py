@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 
 from lefusion_nnunet.data.dataset import RawDataset
-from lefusion_nnunet.data.io import nifti_file_complete, truncated_error
+from lefusion_nnunet.data.io import Header, nifti_file_complete, read_header, read_volume, truncated_error
 from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
 
 log = logging.getLogger(__name__)
@@ -41,67 +40,6 @@ log = logging.getLogger(__name__)
 GEOMETRY_TOLERANCE = 1e-3
 #: File endings LeFusion reads and writes (nnU-Net's SimpleITK reader/writer): geometry survives a round trip.
 SUPPORTED_ENDINGS = (".nii.gz", ".nrrd", ".mha", ".gipl")
-
-
-@dataclass(frozen=True)
-class Header:
-    """What a file header says about an image (SimpleITK order: x, y, z)."""
-
-    file: Path
-    dimension: int
-    components: int
-    size_xyz: tuple[int, ...]
-    spacing_xyz: tuple[float, ...]
-    origin_xyz: tuple[float, ...]
-    direction: tuple[float, ...]
-    pixel_id: int = -1
-
-    @property
-    def size_zyx(self) -> tuple[int, ...]:
-        return tuple(self.size_xyz[::-1])
-
-    @property
-    def extent_mm_zyx(self) -> np.ndarray:
-        return np.asarray(self.size_xyz, np.float64)[::-1] * np.asarray(self.spacing_xyz, np.float64)[::-1]
-
-
-def _unreadable(path: Path, what: str = "image") -> LeFusionInputError:
-    return LeFusionInputError(f"{what} file {path} cannot be read (truncated, corrupt or not an image); re-export "
-                              f"or replace it.")
-
-
-def read_header(path: Path | str, what: str = "image") -> Header:
-    """Header of one image file, read without its voxels."""
-    path = Path(path)
-    if not path.is_file():
-        raise LeFusionInputError(f"{what} file {path} does not exist; check the dataset folder and dataset.json.")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise _unreadable(path, what) from exc
-    return Header(path, reader.GetDimension(), reader.GetNumberOfComponents(), tuple(reader.GetSize()),
-                  tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()),
-                  int(reader.GetPixelID()))
-
-
-def _header_of(image: sitk.Image, path: Path) -> Header:
-    return Header(path, image.GetDimension(), image.GetNumberOfComponentsPerPixel(), tuple(image.GetSize()),
-                  tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()),
-                  int(image.GetPixelID()))
-
-
-def read_volume(path: Path | str, what: str = "image") -> tuple[np.ndarray, Header]:
-    """All voxels of one file as ``(Z, Y, X)`` and its header."""
-    path = Path(path)
-    if not path.is_file():
-        raise LeFusionInputError(f"{what} file {path} does not exist; check the dataset folder and dataset.json.")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise _unreadable(path, what) from exc
-    return sitk.GetArrayFromImage(image), _header_of(image, path)  # a copy: a view dies with ``image``
 
 
 def check_3d(header: Header, what: str = "image") -> None:
@@ -389,7 +327,51 @@ def validate_case_files(image_files: Sequence[Path | str], channel: int, mask_fi
     return headers
 
 
-__all__ = ["Header", "DatasetCheck", "validate_dataset", "validate_case_files", "check_checkpoint_fits",
-           "check_output_absent", "check_labels_declared", "check_channel", "read_header", "read_volume",
-           "check_3d", "check_same_geometry", "check_finite_voxels", "note_roi_larger_than_images",
+
+
+
+def resolve_region_label(settings, data) -> int | None:
+    """The host-region label synthetic lesions must lie in: none with per-case ``--region-masks``, else the
+    ``--region-label`` setting, else the checkpoint's region label (None: the body)."""
+    if settings.region_masks_dir:
+        return None
+    return settings.region_label if settings.region_label is not None else data.region_label
+
+
+def validate_variant_inputs(dataset: RawDataset, data, settings, cases: Sequence[str] | None = None, *,
+                            lesion_free_hint: str = "add cases without lesions") -> list[str]:
+    """Everything a run that makes synthetic variants needs (``enlarge``, ``trainer-config``, ``LeFusionTrainer``),
+    checked before any work: the checkpoint fits the dataset, labels / region / region masks, the cases that
+    receive lesions hold the region label, and their images are complete and finite.
+
+    Args:
+        data: the lesion checkpoint's :class:`~lefusion_nnunet.data.config.DataConfig`.
+        settings: the run's :class:`~lefusion_nnunet.variants.VariantSettings`.
+        cases: the case ids that receive lesions; None = the dataset's lesion-free cases (at least one needed).
+
+    Returns:
+        The sorted case ids that receive lesions.
+    """
+    check_checkpoint_fits(data, dataset)
+    region = resolve_region_label(settings, data)
+    region_flag = "--region-label" if settings.region_label is not None else "the checkpoint's region label"
+    real = settings.mask_source == "real"
+    check = validate_dataset(dataset, data.lesion_labels, region, data.channel, need_lesions=real,
+                             need_lesion_free=cases is None, cases=None if real or cases is None else cases,
+                             read_voxels="none", region_masks_dir=settings.region_masks_dir, roi=data.roi,
+                             lesion_flag="the checkpoint's lesion label", region_flag=region_flag,
+                             channel_flag="the checkpoint's channel", lesion_free_hint=lesion_free_hint)
+    case_ids = sorted(str(c) for c in (check.lesion_free_cases if cases is None else cases))
+    if region is not None and not any(int(region) in check.label_values[c] for c in case_ids):
+        raise LeFusionInputError(f"{region_flag} {region} occurs in none of the {len(case_ids)} case(s) that would "
+                                 f"receive lesions; pick a label present in them, or --region-masks.")
+    for c in case_ids:  # the images that will be read: truncated files and NaN/Inf voxels
+        for f in dataset.case(c).images:
+            check_finite_voxels(f, "image")
+    return case_ids
+
+
+__all__ = ["DatasetCheck", "validate_dataset", "validate_case_files", "validate_variant_inputs",
+           "resolve_region_label", "check_checkpoint_fits", "check_output_absent", "check_labels_declared",
+           "check_channel", "check_3d", "check_same_geometry", "check_finite_voxels", "note_roi_larger_than_images",
            "median_spacing_zyx", "SUPPORTED_ENDINGS", "GEOMETRY_TOLERANCE"]

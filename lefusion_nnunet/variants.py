@@ -1,7 +1,7 @@
 """Synthetic variants: one path for ``lefusion enlarge``, the nnU-Net trainer's bank and the demo.
 
 For each source case and each ``k < per_case`` a lesion mask is made (random ellipsoid or a transformed real
-lesion, :mod:`lefusion_nnunet.data.masks`, or a sample of a lesion mask model, :mod:`lefusion_nnunet.mask_diffusion`),
+lesion, :mod:`lefusion_nnunet.data.masks`, or a sample of a lesion mask model, :mod:`lefusion_nnunet.synthesis.masks`),
 placed so that every lesion voxel lies inside the allowed region (host label, user region mask, or the body) and off
 existing lesions - at a random valid place or as near as possible to ``center_mm`` - capped so it fits the model ROI,
 and inpainted by :class:`lefusion_nnunet.synthesis.LesionSynthesizer`. The synthetic case is the source case with
@@ -16,119 +16,38 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Collection, Iterator
 
 import numpy as np
 
+from lefusion_nnunet.checkpoints.loaders import check_mask_checkpoint_matches
 from lefusion_nnunet.data.dataset import RawDataset
-from lefusion_nnunet.data.histogram import parse_texture, parse_textures
-from lefusion_nnunet.data.io import ImageVolume, check_same_grid, read_image, read_label, read_mask
+from lefusion_nnunet.data.histogram import parse_textures
+from lefusion_nnunet.data.io import (ImageVolume, check_same_grid, read_image, read_label, read_mask, voxel_to_world,
+                                     world_to_voxel)
 from lefusion_nnunet.data.mask_library import MaskLibrary
-from lefusion_nnunet.data.masks import (allowed_region, ellipsoid_mask, mask_equivalent_diameter, mask_volume_mm3,
-                                        paste_mask, place_mask)
-from lefusion_nnunet.data.roi import mask_fits_roi, roi_center_for_mask, roi_origin_for_center
+from lefusion_nnunet.data.masks import ellipsoid_mask, mask_equivalent_diameter, mask_volume_mm3
+from lefusion_nnunet.data.placement import allowed_region, paste_mask, place_mask
+from lefusion_nnunet.data.roi import mask_fits_roi, plan_roi_origin
 from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.paths import find_default_checkpoint
+from lefusion_nnunet.seeding import seeded_generator, seeded_rng
+from lefusion_nnunet.synthesis.lesion import LesionRequest
+from lefusion_nnunet.synthesis.masks import MaskGenerator
+from lefusion_nnunet.validation import resolve_region_label
+from lefusion_nnunet.variant_settings import VariantSettings, sampler_record
 
 if TYPE_CHECKING:  # the real class; tests may pass an object with the same attributes
-    from lefusion_nnunet.synthesis import LesionSynthesizer
+    from lefusion_nnunet.synthesis.lesion import LesionSynthesizer
 
 log = logging.getLogger(__name__)
 
-MASK_SOURCES = ("real", "ellipsoid", "diffusion")
-SAMPLER_FIELDS = ("name", "num_steps", "eta", "jump_length", "jump_n_sample", "resample_steps")
 #: Synthetic case ids are ``f"{source}{SYNTHETIC_INFIX}{k:03d}"``.
 SYNTHETIC_INFIX = "_lefusion"
 # Shrink factor and number of tries when a lesion does not fit the model ROI.
 _ROI_SHRINK, _ROI_TRIES = 0.85, 8
-
-
-@dataclass(frozen=True)
-class VariantSettings:
-    """How synthetic variants are made (JSON round trip with :meth:`to_dict` / :meth:`from_dict`).
-
-    Attributes:
-        per_case: K variants per source case.
-        mask_source: ``"ellipsoid"`` (random smooth ellipsoids), ``"real"`` (transformed real lesions) or
-            ``"diffusion"`` (samples of a lesion mask model, ``lefusion train-mask``).
-        size_mm: equivalent-sphere diameter range ``(min, max)`` in mm, drawn uniformly.
-        region_label: label the lesion must lie in; None -> the checkpoint's region label -> the body.
-        region_masks_dir: folder with one mask per case (``CASE + file_ending``); overrides ``region_label``.
-        textures: ``--texture`` items (``random``, ``cluster:K``, ``file:PATH``, or ``LABEL=SPEC`` per class).
-        boundary: 0 = smooth ... 1 = irregular: the ellipsoid surface perturbation; for diffusion masks the
-            post-processing (size-dependent smoothing vs. surface perturbation) and the irregularity condition.
-        mask_checkpoint: mask model for ``"diffusion"``; None -> the dataset's newest ``train-mask`` run.
-        center_mm: lesion centre in world coordinates ``(x, y, z)`` mm (as ITK/SimpleITK report positions);
-            the lesion goes as near to it as the allowed region permits. None -> a random valid place.
-        sampler: SamplerConfig fields overriding the checkpoint's defaults (e.g. ``{"num_steps": 10}``).
-        guidance_scale: classifier-free guidance weight.
-        seed: the seed every random choice derives from.
-    """
-
-    per_case: int = 2
-    mask_source: str = "ellipsoid"
-    size_mm: tuple[float, float] = (8.0, 20.0)
-    region_label: int | None = None
-    region_masks_dir: str | None = None
-    textures: tuple[str, ...] = ("random",)
-    boundary: float = 0.3
-    sampler: dict = field(default_factory=dict)
-    guidance_scale: float = 1.0
-    seed: int = 0
-    mask_checkpoint: str | None = None
-    center_mm: tuple[float, float, float] | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.per_case, int) or self.per_case < 1:
-            raise LeFusionInputError(f"--per-case {self.per_case} must be a whole number of at least 1.")
-        if self.mask_source not in MASK_SOURCES:
-            raise LeFusionInputError(f"--mask-source {self.mask_source!r} is not one of {', '.join(MASK_SOURCES)}.")
-        lo, hi = (float(v) for v in self.size_mm) if len(self.size_mm) == 2 else (math.nan, math.nan)
-        if not (0 < lo <= hi and math.isfinite(hi)):
-            raise LeFusionInputError(f"--size-mm {tuple(self.size_mm)} must be two diameters 0 < MIN <= MAX in mm.")
-        object.__setattr__(self, "size_mm", (lo, hi))
-        object.__setattr__(self, "textures", tuple(self.textures) or ("random",))
-        for item in self.textures:
-            label, sep, spec = item.partition("=")
-            parse_texture(spec if sep and label.strip().isdigit() else item)
-        if not 0.0 <= float(self.boundary) <= 1.0:
-            raise LeFusionInputError(f"--boundary {self.boundary} must lie between 0 (smooth) and 1 (irregular).")
-        unknown = sorted(set(self.sampler) - set(SAMPLER_FIELDS))
-        if unknown:
-            raise LeFusionInputError(f"unknown sampler setting(s) {unknown}; use {', '.join(SAMPLER_FIELDS)}.")
-        if float(self.guidance_scale) < 0:
-            raise LeFusionInputError(f"--guidance {self.guidance_scale} must be >= 0.")
-        if self.mask_checkpoint is not None:
-            object.__setattr__(self, "mask_checkpoint", str(self.mask_checkpoint))
-        if self.center_mm is not None:
-            try:
-                center = tuple(float(v) for v in self.center_mm)
-            except (TypeError, ValueError):
-                center = ()
-            if len(center) != 3 or not all(math.isfinite(v) for v in center):
-                raise LeFusionInputError(f"--center {self.center_mm} must be three numbers X Y Z (world mm).")
-            object.__setattr__(self, "center_mm", center)
-
-    def to_dict(self) -> dict:
-        return {"per_case": self.per_case, "mask_source": self.mask_source, "size_mm": list(self.size_mm),
-                "region_label": self.region_label, "region_masks_dir": self.region_masks_dir,
-                "textures": list(self.textures), "boundary": float(self.boundary), "sampler": dict(self.sampler),
-                "guidance_scale": float(self.guidance_scale), "seed": int(self.seed),
-                "mask_checkpoint": self.mask_checkpoint,
-                "center_mm": None if self.center_mm is None else list(self.center_mm)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VariantSettings":
-        return cls(per_case=int(d.get("per_case", 2)), mask_source=d.get("mask_source", "ellipsoid"),
-                   size_mm=tuple(float(v) for v in d.get("size_mm", (8.0, 20.0))),  # type: ignore[arg-type]
-                   region_label=None if d.get("region_label") is None else int(d["region_label"]),
-                   region_masks_dir=d.get("region_masks_dir"), textures=tuple(d.get("textures", ("random",))),
-                   boundary=float(d.get("boundary", 0.3)), sampler=dict(d.get("sampler", {})),
-                   guidance_scale=float(d.get("guidance_scale", 1.0)), seed=int(d.get("seed", 0)),
-                   mask_checkpoint=d.get("mask_checkpoint"),
-                   center_mm=None if d.get("center_mm") is None else tuple(d["center_mm"]))
 
 
 @dataclass
@@ -181,29 +100,6 @@ def variant_chunks(case_ids: list[str], per_case: int, batch_size: int) -> list[
     return [list(case_ids[i:i + size]) for i in range(0, len(case_ids), size)]
 
 
-def voxel_to_world(index_zyx, properties: dict) -> list[float]:
-    """Physical position (x, y, z mm, as SimpleITK/ITK report it) of a (z, y, x) voxel index."""
-    geo = properties.get("sitk_stuff")
-    if geo is None:
-        return []
-    spacing = np.asarray(geo["spacing"], np.float64)
-    direction = np.asarray(geo["direction"], np.float64).reshape(3, 3)
-    idx_xyz = np.asarray(index_zyx, np.float64)[::-1]
-    return [round(float(v), 4) for v in np.asarray(geo["origin"], np.float64) + direction @ (idx_xyz * spacing)]
-
-
-def world_to_voxel(point_xyz_mm, properties: dict) -> np.ndarray:
-    """The inverse of :func:`voxel_to_world`: a world position (x, y, z mm) -> float voxel index (z, y, x)."""
-    geo = properties.get("sitk_stuff")
-    if geo is None:
-        raise LeFusionInputError("--center needs the image geometry (origin, spacing, direction), which this "
-                                 "image reader does not report; give the lesion mask instead.")
-    spacing = np.asarray(geo["spacing"], np.float64)
-    direction = np.asarray(geo["direction"], np.float64).reshape(3, 3)
-    rel = np.asarray(point_xyz_mm, np.float64) - np.asarray(geo["origin"], np.float64)
-    return (np.linalg.solve(direction, rel) / spacing)[::-1]
-
-
 @dataclass
 class _CaseContext:
     case_id: str
@@ -222,6 +118,7 @@ class _Plan:
     texture: np.ndarray
     texture_spec: list[str]
     info: dict
+    roi_origin: np.ndarray                  # planned model-ROI origin, native voxel index (z, y, x)
 
 
 class _VariantMaker:
@@ -235,12 +132,12 @@ class _VariantMaker:
         if self.region_dir is not None and not self.region_dir.is_dir():
             raise LeFusionInputError(f"region mask folder {self.region_dir} does not exist; pass a folder with "
                                      f"one mask per case (CASE{dataset.file_ending}).")
-        self.region_label = settings.region_label if settings.region_label is not None else data.region_label
-        if self.region_dir is None and self.region_label is not None:
+        self.region_label = resolve_region_label(settings, data)
+        if self.region_label is not None:
             dataset.check_labels([int(self.region_label)], "region label")
         self._library: MaskLibrary | None = None
         sampler_cfg = getattr(synth, "sampler_config", None)
-        self.sampler_record = (dataclasses.asdict(sampler_cfg) if dataclasses.is_dataclass(sampler_cfg)
+        self.sampler_record = (sampler_record(sampler_cfg) if dataclasses.is_dataclass(sampler_cfg)
                                else dict(settings.sampler))
         self.guidance = float(getattr(synth, "guidance_scale", settings.guidance_scale))
         self.checkpoint_sha = getattr(synth.checkpoint, "file_sha256", None)
@@ -251,8 +148,6 @@ class _VariantMaker:
     def mask_generator(self):
         """The lesion mask model (``mask_source == "diffusion"``), loaded on first use."""
         if self._mask_generator is None:
-            from lefusion_nnunet.mask_diffusion import MaskGenerator, check_mask_checkpoint_matches
-            from lefusion_nnunet.paths import find_default_checkpoint
 
             path = self.settings.mask_checkpoint or find_default_checkpoint(self.dataset.name, kind="mask")
             generator = MaskGenerator(path, device=self.device)
@@ -292,10 +187,15 @@ class _VariantMaker:
             what = "body"
         return _CaseContext(case_id, vol, label, lprops, allowed, what)
 
-    def _roi_fits(self, masks: np.ndarray, spacing, margin: float = 1.0) -> bool:
+    def _roi_origin(self, masks: np.ndarray, spacing, margin: float = 1.0) -> np.ndarray | None:
+        """The planned model-ROI origin of a lesion (native voxels, z y x), or None when it does not fit the ROI
+        with ``margin`` model voxels to spare."""
         union = masks.any(0)
-        origin = roi_origin_for_center(roi_center_for_mask(union), spacing, self.data.roi)
-        return mask_fits_roi(union, spacing, origin, self.data.roi, margin=margin)
+        origin = plan_roi_origin(union, spacing, self.data.roi)
+        return origin if mask_fits_roi(union, spacing, origin, self.data.roi, margin=margin) else None
+
+    def _roi_fits(self, masks: np.ndarray, spacing, margin: float = 1.0) -> bool:
+        return self._roi_origin(masks, spacing, margin) is not None
 
     def _make_mask(self, rng: np.random.Generator, diameter: float, spacing) -> tuple[np.ndarray, dict]:
         c = len(self.lesion_labels)
@@ -327,7 +227,6 @@ class _VariantMaker:
         too_big = VariantWarning(ctx.case_id, k, "lesion does not fit the model ROI",
                                  f"{requested:.1f} mm requested, ROI {self.data.roi.extent_mm.round(1).tolist()} mm")
         if s.mask_source == "diffusion":
-            from lefusion_nnunet.synthesis import seeded_generator
 
             gen = self.mask_generator
             torch_gen = seeded_generator(s.seed, ctx.case_id, k, "mask")
@@ -357,7 +256,6 @@ class _VariantMaker:
         return paste_mask(masks, offset, ctx.volume.shape_zyx), info, requested, tries
 
     def plan(self, ctx: _CaseContext, k: int) -> _Plan | VariantWarning:
-        from lefusion_nnunet.synthesis import seeded_rng
 
         s = self.settings
         if not ctx.allowed.any():
@@ -371,7 +269,8 @@ class _VariantMaker:
         if isinstance(made, VariantWarning):
             return made
         full, info, requested, tries = made
-        if not self._roi_fits(full, spacing, margin=0.0):  # ROI origin rounding may shift by a voxel
+        origin = self._roi_origin(full, spacing, margin=0.0)  # planned once; ROI origin rounding may shift a voxel
+        if origin is None:
             return VariantWarning(ctx.case_id, k, "lesion does not fit the model ROI", "after placement")
         texture = np.asarray(self.synth.texture_condition(list(self.specs), rng), np.float32)
         union = full.any(0)
@@ -388,7 +287,7 @@ class _VariantMaker:
             "center_world_xyz_mm": voxel_to_world(center_vox, ctx.volume.properties),
             "requested_center_world_xyz_mm": None if s.center_mm is None else list(s.center_mm),
             "offset_zyx": [int(v) for v in idx.min(0)], "allowed_region": ctx.region}
-        return _Plan(ctx.case_id, k, full, texture, [str(sp) for sp in self.specs], info)
+        return _Plan(ctx.case_id, k, full, texture, [str(sp) for sp in self.specs], info, origin)
 
     def capped_warning(self, p: _Plan) -> VariantWarning | None:
         if not p.info["diameter_capped"]:
@@ -398,7 +297,6 @@ class _VariantMaker:
 
     # -- per chunk -----------------------------------------------------------------------------------------
     def run_chunk(self, case_ids: list[str], progress: bool) -> tuple[list[SyntheticCase], list[str]]:
-        from lefusion_nnunet.synthesis import LesionRequest, seeded_generator, seeded_rng
 
         contexts: dict[str, _CaseContext] = {}
         plans: list[_Plan] = []
@@ -420,7 +318,8 @@ class _VariantMaker:
         if not plans:
             return [], warnings
         requests = [LesionRequest(image=contexts[p.case_id].volume.channel(self.channel),
-                                  spacing=contexts[p.case_id].volume.spacing, class_masks=p.masks, texture=p.texture)
+                                  spacing=contexts[p.case_id].volume.spacing, class_masks=p.masks, texture=p.texture,
+                                  roi_origin_zyx=p.roi_origin)
                     for p in plans]
         generators = [seeded_generator(self.settings.seed, p.case_id, p.k, device=self.device) for p in plans]
         outputs = self.synth.synthesize(requests, generator=generators,
@@ -428,9 +327,7 @@ class _VariantMaker:
         cases = []
         for p, out in zip(plans, outputs):
             ctx = contexts[p.case_id]
-            union = p.masks.any(0)
-            source = ctx.volume.channel(self.channel)
-            new = np.where(union, np.asarray(out, np.float32), source)  # bit-identical outside the lesion
+            new = np.asarray(out, np.float32)  # pasted once by the synthesizer: bit-identical outside the lesion
             channels = [np.array(ctx.volume.channel(i)) if i != self.channel else new
                         for i in range(ctx.volume.array.shape[0])]
             label = ctx.label.copy()

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from lefusion_nnunet.data.phantom import PhantomConfig, generate_chest_phantom
-from lefusion_nnunet.training.checkpoint import load_checkpoint_content
+from lefusion_nnunet.checkpoints.format import load_checkpoint_content
+from lefusion_nnunet.phantoms.chest import PhantomConfig, generate_chest_phantom
 
 
 @pytest.mark.slow
@@ -60,11 +60,11 @@ def test_enlarge_sharded_over_two_ranks_matches_one_process(tmp_path):
     enlarge = ["enlarge", "-d", "994", "--checkpoint", str(ckpt_dir / "checkpoint_final.pt"), "--per-case", "2",
                "--batch-size", "1", "--size-mm", "6", "9", "--region-label", "1", "--device", "cpu",
                "--steps", "3"]
-    single = subprocess.run([sys.executable, "-m", "lefusion_nnunet.cli.main", *enlarge, "-o", "995"],
+    single = subprocess.run([sys.executable, "-m", "lefusion_nnunet.cli.main", *enlarge, "--destination", "995"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              "-m", "lefusion_nnunet.cli.main", *enlarge, "-o", "996"],
+                              "-m", "lefusion_nnunet.cli.main", *enlarge, "--destination", "996"],
                              env=env, capture_output=True, text=True, timeout=300)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert sharded.stdout.count("wrote 8 synthetic case(s)") == 1  # the summary, printed once

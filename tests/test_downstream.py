@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from lefusion_nnunet.errors import LeFusionInputError
-from lefusion_nnunet.evaluation import (aggregate, check_no_leakage, evaluate_case, held_out_split,
-                                        lesion_detection, lesion_dice, mean_std, summarize_seeds)
+from lefusion_nnunet.evaluation.downstream import (aggregate, check_no_leakage, evaluate_case, held_out_split,
+                                                   lesion_detection, lesion_dice, mean_std, summarize_seeds)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_check_no_leakage():
 @pytest.fixture(scope="module")
 def small_phantom(tmp_path_factory):
     from lefusion_nnunet.data.dataset import load_raw_dataset
-    from lefusion_nnunet.data.phantom import PhantomConfig, generate_chest_phantom
+    from lefusion_nnunet.phantoms.chest import PhantomConfig, generate_chest_phantom
 
     raw = tmp_path_factory.mktemp("raw")
     folder = generate_chest_phantom(raw, 731, "CopyPaste", PhantomConfig(num_cases=4, lesion_free_fraction=0.5,
@@ -143,7 +143,7 @@ def small_phantom(tmp_path_factory):
 
 def _request(dataset, case_id, center, radius_vox=3):
     from lefusion_nnunet.data.io import read_image
-    from lefusion_nnunet.synthesis import LesionRequest
+    from lefusion_nnunet.synthesis.lesion import LesionRequest
 
     vol = read_image(dataset.case(case_id).images)
     image = vol.channel(0)
@@ -156,9 +156,9 @@ def _request(dataset, case_id, center, radius_vox=3):
 def test_copy_paste_changes_only_the_mask(small_phantom):
     import torch
 
-    from lefusion_nnunet.copy_paste import CopyPasteSynthesizer
     from lefusion_nnunet.data.histogram import TextureSpec
     from lefusion_nnunet.data.io import read_label
+    from lefusion_nnunet.synthesis.copy_paste import CopyPasteSynthesizer
 
     synth = CopyPasteSynthesizer.from_dataset(small_phantom, [2], region_label=1)
     assert len(synth.lesions) >= 2 and synth.checkpoint.data.lesion_labels == (2,)
@@ -194,8 +194,8 @@ def test_copy_paste_changes_only_the_mask(small_phantom):
 
 
 def test_copy_paste_texture_picks_nearest_lesion(small_phantom):
-    from lefusion_nnunet.copy_paste import CopyPasteSynthesizer
     from lefusion_nnunet.data.histogram import TextureSpec
+    from lefusion_nnunet.synthesis.copy_paste import CopyPasteSynthesizer
 
     synth = CopyPasteSynthesizer.from_dataset(small_phantom, [2])
     for i, les in enumerate(synth.lesions):
@@ -213,20 +213,20 @@ def test_copy_paste_through_enlarge_cli(small_phantom, nnunet_env, capsys):
     """`lefusion enlarge --method copy-paste` goes through make_variants / enlarge unchanged: background
     bit-identical on disk, lesions only inside the host region, the method recorded in the provenance."""
     from lefusion_nnunet.cli.main import main
-    from lefusion_nnunet.copy_paste import CopyPasteSynthesizer
     from lefusion_nnunet.data.io import read_image, read_label
-    from lefusion_nnunet.enlargement import PROVENANCE_NAME
+    from lefusion_nnunet.enlargement.run import PROVENANCE_NAME
+    from lefusion_nnunet.synthesis.copy_paste import CopyPasteSynthesizer
 
     common = ["enlarge", "-d", str(small_phantom.folder), "--mask-source", "real", "--region-label", "1",
               "--per-case", "1", "--size-mm", "8", "12"]
     # copy-paste options with the LeFusion method, and copy-paste without labels or a checkpoint: one sentence, exit 2
-    for bad in (["-o", "733", "--lesion-label", "2"], ["-o", "733", "--method", "copy-paste"]):
+    for bad in (["--destination", "733", "--lesion-label", "2"], ["--destination", "733", "--method", "copy-paste"]):
         assert main(common + bad) != 0
         err = capsys.readouterr().err
         assert "--lesion-label" in err and "Traceback" not in err
     assert not list(nnunet_env["nnUNet_raw"].glob("Dataset733_*"))
 
-    assert main(common + ["-o", "732", "--method", "copy-paste", "--lesion-label", "2"]) == 0
+    assert main(common + ["--destination", "732", "--method", "copy-paste", "--lesion-label", "2"]) == 0
     (dest,) = nnunet_env["nnUNet_raw"].glob("Dataset732_*")
     record = json.loads((dest / PROVENANCE_NAME).read_text())
     assert record["method"] == "copy-paste"
@@ -315,8 +315,8 @@ def _toy_data(labels, kind="percentile"):
 
 
 def _toy_lesion(case, values_per_class, value_range=(0.0, 100.0)):
-    from lefusion_nnunet.copy_paste import SourceLesion
     from lefusion_nnunet.data.histogram import lesion_histogram
+    from lefusion_nnunet.synthesis.copy_paste_sources import SourceLesion
 
     c = len(values_per_class)
     masks = np.zeros((c, 4, 4, 4), bool)
@@ -332,8 +332,8 @@ def _toy_lesion(case, values_per_class, value_range=(0.0, 100.0)):
 
 
 def test_copy_paste_multiclass_and_mr_transfer():
-    from lefusion_nnunet.copy_paste import CopyPasteSynthesizer
-    from lefusion_nnunet.synthesis import LesionRequest
+    from lefusion_nnunet.synthesis.copy_paste import CopyPasteSynthesizer
+    from lefusion_nnunet.synthesis.lesion import LesionRequest
 
     one_class = _toy_lesion("a", [60.0, None])
     two_class = _toy_lesion("b", [80.0, 20.0])

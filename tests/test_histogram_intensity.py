@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from lefusion_nnunet.data.histogram import (Prototypes, TextureSpec, cluster_prototypes, histogram_distance,
-                                            histogram_emd,
-                                            lesion_histogram, parse_texture, parse_textures, resolve_texture)
+                                            histogram_emd, lesion_histogram, parse_texture, parse_textures,
+                                            resolve_texture)
 from lefusion_nnunet.data.intensity import IntensitySpace, derive_ct_window
 from lefusion_nnunet.errors import LeFusionInputError
 

@@ -11,8 +11,8 @@ import pytest
 
 from lefusion_nnunet.errors import LeFusionInputError
 from lefusion_nnunet.integration import install
-from lefusion_nnunet.integration.install import (SHIM_NAME, install_trainer_shim, nnunet_trainer_folder,
-                                                 shim_installed, trainer_dir, uninstall_trainer_shim)
+from lefusion_nnunet.integration.install import (SHIM_NAME, install_trainer_shim, nnunet_trainer_folder, shim_installed,
+                                                 trainer_dir, uninstall_trainer_shim)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from lefusion_nnunet.data.dataset import load_raw_dataset
-from lefusion_nnunet.data.phantom import PhantomConfig, generate_chest_phantom
 from lefusion_nnunet.data.roi import RoiGeometry
-from lefusion_nnunet.training.trainer import TrainConfig, train_lesion_model
+from lefusion_nnunet.phantoms.chest import PhantomConfig, generate_chest_phantom
+from lefusion_nnunet.training.lesion import train_lesion_model
+from lefusion_nnunet.training.loop import TrainConfig
 
 SPACING = (2.5, 1.5, 1.5)
 CMD = [sys.executable, "-m", "lefusion_nnunet.cli.main"]
@@ -92,7 +93,7 @@ def finish(args: list[str], env: dict, log: Path) -> str:
 # ------------------------------------------------------------------------------------------------ training
 
 def checkpoint_step(path: Path) -> int:
-    from lefusion_nnunet.training.checkpoint import load_checkpoint_content
+    from lefusion_nnunet.checkpoints.format import load_checkpoint_content
 
     try:
         return int(load_checkpoint_content(path, expected_kind="lesion")["step"])
@@ -121,8 +122,8 @@ def test_train_killed_at_random_moments_resumes_to_the_end(world, tmp_path):
 
     finish(args + ["--resume"], world["env"], log)
 
-    from lefusion_nnunet.synthesis import load_lesion_checkpoint
-    from lefusion_nnunet.training.checkpoint import load_checkpoint_content
+    from lefusion_nnunet.checkpoints.format import load_checkpoint_content
+    from lefusion_nnunet.checkpoints.loaders import load_lesion_checkpoint
 
     final = load_checkpoint_content(run / "checkpoint_final.pt", expected_kind="lesion")
     assert final["step"] == steps
@@ -153,7 +154,7 @@ def test_enlarge_killed_at_random_moments_leaves_no_destination_and_resumes_iden
     dst = raw / "Dataset991_TinyLeFusion"
     partial = raw / ".Dataset991_TinyLeFusion.partial"
     log = tmp_path / "enlarge.log"
-    args = ["enlarge", "-d", "990", "-o", "991", "--checkpoint", str(world["ckpt"]), "--per-case", "2",
+    args = ["enlarge", "-d", "990", "--destination", "991", "--checkpoint", str(world["ckpt"]), "--per-case", "2",
             "--batch-size", "2", "--steps", "4", "--size-mm", "6", "10", "--device", "cpu", "--seed", "11"]
     n_cases = len(world["free"])
     assert n_cases == 4  # 4 chunks of one source case each (batch size 2 / 2 variants per case)

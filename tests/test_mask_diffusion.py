@@ -10,26 +10,28 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import rotation_direction
 from scipy import ndimage
 
-from conftest import rotation_direction
+from lefusion_nnunet.checkpoints.format import load_checkpoint_content
+from lefusion_nnunet.checkpoints.loaders import load_mask_checkpoint
 from lefusion_nnunet.cli import mask_commands
 from lefusion_nnunet.data.config import DataConfig
 from lefusion_nnunet.data.dataset import load_raw_dataset
 from lefusion_nnunet.data.intensity import IntensitySpace
-from lefusion_nnunet.data.io import read_image, read_label
-from lefusion_nnunet.data.masks import (allowed_region, mask_volume_mm3, roi_mask_to_native, sphere_volume_mm3,
-                                        surface_to_volume)
-from lefusion_nnunet.data.phantom_cardiac import CardiacPhantomConfig, generate_cardiac_phantom
+from lefusion_nnunet.data.io import read_image, read_label, voxel_to_world, world_to_voxel
+from lefusion_nnunet.data.mask_shapes import cumulative_channels, decode_cumulative, postprocess_masks, sphere_channel
+from lefusion_nnunet.data.masks import mask_volume_mm3, roi_mask_to_native, sphere_volume_mm3, surface_to_volume
+from lefusion_nnunet.data.placement import allowed_region
 from lefusion_nnunet.data.roi import RoiGeometry, extract_roi_mask, roi_origin_for_center
 from lefusion_nnunet.diffusion import SamplerConfig
 from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
-from lefusion_nnunet.mask_diffusion import MaskGenerator, load_mask_checkpoint
-from lefusion_nnunet.mask_shapes import cumulative_channels, decode_cumulative, postprocess_masks, sphere_channel
-from lefusion_nnunet.training.mask_trainer import train_mask_model
-from lefusion_nnunet.training.checkpoint import load_checkpoint_content
-from lefusion_nnunet.training.trainer import TrainConfig
-from lefusion_nnunet.variants import VariantSettings, make_variants, voxel_to_world, world_to_voxel
+from lefusion_nnunet.phantoms.cardiac import CardiacPhantomConfig, generate_cardiac_phantom
+from lefusion_nnunet.synthesis.masks import MaskGenerator
+from lefusion_nnunet.training.loop import TrainConfig
+from lefusion_nnunet.training.mask import train_mask_model
+from lefusion_nnunet.variant_settings import VariantSettings
+from lefusion_nnunet.variants import make_variants
 
 SPACING = (8.0, 1.5, 1.5)
 ROI = RoiGeometry((8, 32, 32), SPACING)
@@ -151,7 +153,7 @@ def test_mask_model_checkpoint_and_resume(cardiac, mask_ckpt, tmp_path):
     ckpt = load_mask_checkpoint(mask_ckpt)
     assert ckpt.features.shape[1] == 8 and (ckpt.features.reshape(-1, 2, 4)[:, 1, 2] == 1).all()
     with pytest.raises(LeFusionCheckpointError, match="'mask' model"):
-        from lefusion_nnunet.synthesis import load_lesion_checkpoint
+        from lefusion_nnunet.checkpoints.loaders import load_lesion_checkpoint
         load_lesion_checkpoint(mask_ckpt)
     straight = load_checkpoint_content(_train(cardiac, tmp_path / "a", steps=4))
     _train(cardiac, tmp_path / "b", steps=2)

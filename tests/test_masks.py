@@ -8,9 +8,9 @@ import pytest
 from scipy import ndimage
 
 from lefusion_nnunet.data.mask_library import MaskLibrary, RealMask
-from lefusion_nnunet.data.masks import (allowed_region, body_mask, ellipsoid_mask, equivalent_diameter_mm,
-                                        lesion_components, mask_equivalent_diameter, paste_mask, place_mask,
-                                        sphere_volume_mm3, valid_offsets)
+from lefusion_nnunet.data.masks import (ellipsoid_mask, equivalent_diameter_mm, lesion_components,
+                                        mask_equivalent_diameter, sphere_volume_mm3)
+from lefusion_nnunet.data.placement import allowed_region, body_mask, paste_mask, place_mask, valid_offsets
 from lefusion_nnunet.errors import LeFusionInputError
 
 

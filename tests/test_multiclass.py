@@ -9,21 +9,25 @@ import pytest
 import torch
 from scipy import ndimage
 
+from lefusion_nnunet.checkpoints.format import load_checkpoint_content
+from lefusion_nnunet.checkpoints.loaders import load_lesion_checkpoint
 from lefusion_nnunet.data.dataset import load_raw_dataset
 from lefusion_nnunet.data.histogram import HIST_BINS, TextureSpec, parse_textures
 from lefusion_nnunet.data.intensity import IntensitySpace
 from lefusion_nnunet.data.io import read_image, read_label
 from lefusion_nnunet.data.lesions import collect_lesion_rois
-from lefusion_nnunet.data.phantom_cardiac import (CARDIAC_LABELS, CardiacPhantomConfig, generate_cardiac_phantom,
-                                                  make_cardiac_case)
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.diffusion import SamplerConfig, masked_epsilon_loss
 from lefusion_nnunet.errors import LeFusionInputError
-from lefusion_nnunet.synthesis import (LesionRequest, LesionSynthesizer, load_lesion_checkpoint, seeded_generator,
-                                       synthesize_files)
-from lefusion_nnunet.training.checkpoint import load_checkpoint_content
-from lefusion_nnunet.training.trainer import TrainConfig, train_lesion_model
-from lefusion_nnunet.variants import VariantSettings, make_variants
+from lefusion_nnunet.phantoms.cardiac import (CARDIAC_LABELS, CardiacPhantomConfig, generate_cardiac_phantom,
+                                              make_cardiac_case)
+from lefusion_nnunet.seeding import seeded_generator
+from lefusion_nnunet.synthesis.files import synthesize_files
+from lefusion_nnunet.synthesis.lesion import LesionRequest, LesionSynthesizer
+from lefusion_nnunet.training.lesion import train_lesion_model
+from lefusion_nnunet.training.loop import TrainConfig
+from lefusion_nnunet.variant_settings import VariantSettings
+from lefusion_nnunet.variants import make_variants
 
 SPACING = (8.0, 1.5, 1.5)
 ROI = RoiGeometry((8, 32, 32), SPACING)           # 64 x 48 x 48 mm: holds every infarct; divisible by 4 (tiny)

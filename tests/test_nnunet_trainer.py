@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import lefusion_nnunet.variants as variants_mod  # noqa: E402
 from lefusion_nnunet.errors import LeFusionInputError
-
-variants_mod = pytest.importorskip("lefusion_nnunet.variants")
 from lefusion_nnunet.integration import bank as bank_mod  # noqa: E402
 from lefusion_nnunet.integration.swap_dataset import SyntheticSwapDataset, read_draws  # noqa: E402
 from lefusion_nnunet.integration.trainer_settings import (TrainerSettings, load_trainer_settings,  # noqa: E402
@@ -89,10 +88,10 @@ def tiny_template(tmp_path_factory):
 
 def _fake_checkpoint(path: Path, lesion_labels=(2,)) -> Path:
     """A minimal lesion checkpoint: only its metadata is read when the synthesizer is faked."""
+    from lefusion_nnunet.checkpoints.format import save_checkpoint
     from lefusion_nnunet.data.config import DataConfig
     from lefusion_nnunet.data.intensity import IntensitySpace
     from lefusion_nnunet.data.roi import RoiGeometry
-    from lefusion_nnunet.training.checkpoint import save_checkpoint
 
     data = DataConfig(dataset_name=DATASET, lesion_labels=tuple(lesion_labels), label_names=("nodule",),
                       region_label=1, channel=0, modality="CT", roi=RoiGeometry(), intensity=IntensitySpace())
@@ -504,10 +503,10 @@ def test_trainer_reports_bad_input_before_building_the_bank(tiny, monkeypatch):
     assert "LeFusion: error: image file" in Path(t.log_file).read_text()
     image.write_bytes(intact)
 
+    from lefusion_nnunet.checkpoints.format import save_checkpoint
     from lefusion_nnunet.data.config import DataConfig
     from lefusion_nnunet.data.intensity import IntensitySpace
     from lefusion_nnunet.data.roi import RoiGeometry
-    from lefusion_nnunet.training.checkpoint import save_checkpoint
 
     mr = DataConfig(dataset_name=DATASET, lesion_labels=(2,), label_names=("nodule",), region_label=1, channel=0,
                     modality="MR", roi=RoiGeometry(), intensity=IntensitySpace("percentile"))
@@ -539,9 +538,6 @@ def installed_shim():
 
 @pytest.mark.slow
 def test_end_to_end_real_commands(tmp_path, installed_shim):
-    for module in ("lefusion_nnunet.synthesis", "lefusion_nnunet.variants", "lefusion_nnunet.data.phantom",
-                   "lefusion_nnunet.cli.main"):
-        pytest.importorskip(module)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEFUSION_") and k != "nnUNet_extTrainer"}
     for var in NNUNET_ENV:
         (tmp_path / var).mkdir()

@@ -1,4 +1,4 @@
-"""Tests for the procedural chest phantom (lefusion_nnunet.data.phantom)."""
+"""Tests for the procedural chest phantom (lefusion_nnunet.phantoms.chest)."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from lefusion_nnunet.data import phantom as ph
-from lefusion_nnunet.data.phantom import TEXTURES, PhantomConfig, generate_chest_phantom, make_phantom_case
+from lefusion_nnunet.phantoms import chest as ph
+from lefusion_nnunet.data.raw_writer import dataset_name
 from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.phantoms.chest import TEXTURES, PhantomConfig, generate_chest_phantom, make_phantom_case
 
 SMALL = dict(shape_zyx=(24, 48, 48), spacing_zyx=(2.5, 1.5, 1.5))
 
@@ -215,7 +216,7 @@ def test_config_validation_and_round_trip():
     with pytest.raises(LeFusionInputError):
         PhantomConfig.from_dict({**d, "bogus": 1})
     with pytest.raises(LeFusionInputError):
-        ph.phantom_dataset_name(1000, "X")
+        dataset_name(1000, "X")
 
 
 def test_nnunet_verify_dataset_integrity_accepts_it(dataset):

@@ -28,10 +28,11 @@ import torch
 
 from lefusion_nnunet.cli.main import main
 from lefusion_nnunet.data.dataset import load_raw_dataset
-from lefusion_nnunet.data.phantom import PhantomConfig, generate_chest_phantom
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
-from lefusion_nnunet.training.trainer import TrainConfig, train_lesion_model
+from lefusion_nnunet.phantoms.chest import PhantomConfig, generate_chest_phantom
+from lefusion_nnunet.training.lesion import train_lesion_model
+from lefusion_nnunet.training.loop import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SPACING = (2.5, 1.5, 1.5)
@@ -116,7 +117,7 @@ def train_args(*extra, lesion="2", region: str | None = "1") -> list[str]:
 
 
 def enlarge_args(env, *extra, checkpoint=None) -> list[str]:
-    return ["enlarge", "-d", str(DATASET_ID), "-o", "991", "--checkpoint", str(checkpoint or env.ckpt),
+    return ["enlarge", "-d", str(DATASET_ID), "--destination", "991", "--checkpoint", str(checkpoint or env.ckpt),
             "--per-case", "1", "--steps", "2", "--device", "cpu", "--size-mm", "6", "10", *extra]
 
 
@@ -630,7 +631,7 @@ def _(env, mp):
 
 
 # -- checkpoints
-@row("checkpoint-missing", "enlarge", "does not exist", "pass --checkpoint")
+@row("checkpoint-missing", "enlarge", "does not exist", "check the path")
 def _(env, mp):
     return enlarge_args(env, checkpoint=env.tmp / "nothing.pt")
 
@@ -835,7 +836,7 @@ def test_valid_dataset_passes_every_check(env, capsys):
 
 
 def test_checkpoints_never_run_code_on_load(env):
-    from lefusion_nnunet.training.checkpoint import load_checkpoint_content
+    from lefusion_nnunet.checkpoints.format import load_checkpoint_content
 
     marker = env.tmp / "pwned"
     dst = env.tmp / "code.pt"
@@ -884,7 +885,7 @@ def test_atomic_write_removes_temporary_file_on_disk_full(tmp_path, monkeypatch)
 def test_validation_runs_before_any_work(env, monkeypatch):
     """Bad input late in the case list is found before the first case is synthesised: enlarge never builds
     a partial folder and the synthesizer is never called."""
-    import lefusion_nnunet.enlargement as enl
+    import lefusion_nnunet.enlargement.run as enl
 
     calls = []
     monkeypatch.setattr(enl, "make_variants", lambda *a, **k: calls.append(a) or iter(()))

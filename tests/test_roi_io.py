@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import rotation_direction, write_sitk
+
 from lefusion_nnunet.data.io import read_image, read_label, write_image_channel, write_label
 from lefusion_nnunet.data.roi import (RoiGeometry, extract_roi, extract_roi_mask, mask_fits_roi, paste_roi,
                                       roi_center_for_mask, roi_origin_for_center)

@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lefusion_nnunet.data.io import read_image, write_image_channel
-from lefusion_nnunet.data.masks import ellipsoid_mask, paste_mask, place_mask
+from lefusion_nnunet.data.masks import ellipsoid_mask
+from lefusion_nnunet.data.placement import paste_mask, place_mask
 from lefusion_nnunet.data.roi import (RoiGeometry, extract_roi, extract_roi_mask, mask_fits_roi, paste_roi,
                                       roi_center_for_mask, roi_origin_for_center)
 from lefusion_nnunet.errors import LeFusionInputError
@@ -243,7 +244,7 @@ def random_direction(rng: np.random.Generator) -> np.ndarray:
        ending=st.sampled_from([".nii.gz", ".nrrd", ".mha"]), seed=st.integers(0, 2**32 - 1))
 def test_file_round_trip_with_random_direction_keeps_geometry_background_and_world_positions(
         tmp_path, shape, native, model_spacing, kind, dtype, ending, seed):
-    from lefusion_nnunet.variants import voxel_to_world
+    from lefusion_nnunet.data.io import voxel_to_world
 
     rng = np.random.default_rng(seed)
     direction = random_direction(rng)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lefusion_nnunet.data.splits import default_nnunet_folds, grouped_splits
 from lefusion_nnunet.errors import LeFusionInputError
-from lefusion_nnunet.integration.splits import default_nnunet_folds, grouped_splits
 
 
 def _nnunet_default(case_ids):

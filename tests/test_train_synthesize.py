@@ -8,18 +8,20 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from conftest import rotation_direction, write_sitk
+
+from lefusion_nnunet.checkpoints.format import FORMAT, load_checkpoint_content
 from lefusion_nnunet.cli.main import main
 from lefusion_nnunet.data.dataset import load_raw_dataset
 from lefusion_nnunet.data.histogram import TextureSpec
-from lefusion_nnunet.data.phantom import PhantomConfig, generate_chest_phantom
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.diffusion import SamplerConfig
 from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
-from lefusion_nnunet.synthesis import LesionRequest, LesionSynthesizer, seeded_generator
-from lefusion_nnunet.training.checkpoint import FORMAT, load_checkpoint_content
-from lefusion_nnunet.training.trainer import TrainConfig, train_lesion_model
+from lefusion_nnunet.phantoms.chest import PhantomConfig, generate_chest_phantom
+from lefusion_nnunet.seeding import seeded_generator
+from lefusion_nnunet.synthesis.lesion import LesionRequest, LesionSynthesizer
+from lefusion_nnunet.training.lesion import train_lesion_model
+from lefusion_nnunet.training.loop import TrainConfig
 
 SPACING = (2.5, 1.5, 1.5)
 ROI = RoiGeometry((16, 32, 32), SPACING)

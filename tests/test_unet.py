@@ -108,7 +108,7 @@ def test_config_round_trip():
     assert d["channel_mults"] == [1, 2, 4, 8]
     back = DenoiserConfig.from_dict(d)
     assert back == cfg and isinstance(back.channel_mults, tuple)
-    with pytest.raises(ValueError, match="unknown DenoiserConfig keys"):
+    with pytest.raises(ValueError, match="unknown DenoiserConfig key"):
         DenoiserConfig.from_dict({**d, "bogus": 1})
 
 

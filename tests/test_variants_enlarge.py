@@ -17,14 +17,18 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+from lefusion_nnunet.checkpoints.loaders import LoadedCheckpoint
 from lefusion_nnunet.data.config import DataConfig
 from lefusion_nnunet.data.dataset import load_raw_dataset
 from lefusion_nnunet.data.intensity import IntensitySpace
 from lefusion_nnunet.data.mask_library import MaskLibrary
+from lefusion_nnunet.data.raw_writer import derived_dataset_name
 from lefusion_nnunet.data.roi import RoiGeometry
-from lefusion_nnunet.enlargement import EnlargeSummary, destination_name, enlarge
+from lefusion_nnunet.enlargement.run import EnlargeSummary, enlarge
 from lefusion_nnunet.errors import LeFusionInputError
-from lefusion_nnunet.variants import VariantSettings, make_variants, variant_chunks
+from lefusion_nnunet.synthesis.lesion import LesionSynthesizer
+from lefusion_nnunet.variant_settings import VariantSettings
+from lefusion_nnunet.variants import make_variants, variant_chunks
 
 SPACING_ZYX = (2.5, 0.8, 0.9)
 SHAPE_ZYX = (14, 40, 36)
@@ -140,10 +144,10 @@ def test_settings_roundtrip_and_validation():
 
 
 def test_destination_names():
-    assert destination_name(502, "Dataset501_Chest") == "Dataset502_ChestLeFusion"
-    assert destination_name("Dataset777_Mine", "Dataset501_Chest") == "Dataset777_Mine"
+    assert derived_dataset_name(502, "Dataset501_Chest") == "Dataset502_ChestLeFusion"
+    assert derived_dataset_name("Dataset777_Mine", "Dataset501_Chest") == "Dataset777_Mine"
     with pytest.raises(LeFusionInputError):
-        destination_name("Data502", "Dataset501_Chest")
+        derived_dataset_name("Data502", "Dataset501_Chest")
 
 
 def test_variants_stay_in_region_and_change_only_the_lesion(env):
@@ -345,18 +349,17 @@ def test_enlarge_copy_originals_and_all_cases(env):
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_synthesizer_path(env):
-    synthesis = pytest.importorskip("lefusion_nnunet.synthesis")
     from lefusion_nnunet.data.histogram import Prototypes
     from lefusion_nnunet.diffusion import DenoiserConfig, LesionDenoiser, NoiseSchedule, SamplerConfig, ScheduleConfig
 
     torch.manual_seed(0)
     model = LesionDenoiser(DenoiserConfig.from_preset("tiny")).eval()
     hist = np.full((3, 16), 1 / 16, np.float32)
-    loaded = synthesis.LoadedCheckpoint(
+    loaded = LoadedCheckpoint(
         path=Path("untrained.pt"), file_sha256="cd" * 32, data=toy_data_config(),
         prototypes=[Prototypes(hist[:1], np.array([3]))], training_histograms=hist, training_summary={},
         model=model, schedule=NoiseSchedule(ScheduleConfig(num_train_timesteps=10)))
-    synth = synthesis.LesionSynthesizer(loaded, device="cpu", sampler=SamplerConfig(num_steps=2), batch_size=2)
+    synth = LesionSynthesizer(loaded, device="cpu", sampler=SamplerConfig(num_steps=2), batch_size=2)
     settings = VariantSettings(per_case=1, size_mm=(4, 6), seed=2)
     summary = enlarge(601, 606, settings=settings, synthesizer=synth, progress=False)
     prov = json.loads((summary.destination / "lefusion_provenance.json").read_text())

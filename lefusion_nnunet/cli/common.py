@@ -69,10 +69,41 @@ def xyz_to_zyx(values, what: str, kind=float) -> tuple:
     return tuple(kind(v) for v in values[::-1])
 
 
+MASK_SOURCE_CHOICES = ("ellipsoid", "real", "diffusion")
+
+
+def add_mask_control_flags(p: argparse.ArgumentParser, with_source: bool = True,
+                           checkpoint_required: bool = False) -> None:
+    """``--mask-source`` (optional), ``--mask-checkpoint``, ``--size-mm``, ``--center``, ``--boundary``."""
+    g = p.add_argument_group("lesion masks")
+    if with_source:
+        g.add_argument("--mask-source", choices=MASK_SOURCE_CHOICES, default="ellipsoid",
+                       help="lesion shapes: random ellipsoids, real masks from labelled cases, or samples of a mask "
+                            "model (`lefusion train-mask`) (default: ellipsoid)")
+    g.add_argument("--mask-checkpoint", type=Path, default=None, required=checkpoint_required,
+                   help="mask model (train-mask checkpoint_final.pt)" if checkpoint_required else
+                   "mask model for --mask-source diffusion (default: the dataset's newest train-mask run)")
+    g.add_argument("--size-mm", type=float, nargs=2, default=[8.0, 20.0], metavar=("MIN", "MAX"),
+                   help="equivalent-sphere diameter range of the whole lesion in mm (default: 8 20)")
+    g.add_argument("--center", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="lesion centre in world coordinates (mm, as ITK/SimpleITK/3D Slicer LPS report them); the "
+                        "lesion goes as near as the allowed region permits (default: a random valid place)")
+    g.add_argument("--boundary", type=float, default=0.3,
+                   help="0 smooth ... 1 irregular lesion surface (ellipsoids: surface perturbation; diffusion masks: "
+                        "post-processing smoothing vs. perturbation and the irregularity condition) (default: 0.3)")
+
+
+def mask_settings_from_args(args: argparse.Namespace) -> dict:
+    """The VariantSettings fields set by :func:`add_mask_control_flags`."""
+    return {"mask_source": getattr(args, "mask_source", "ellipsoid"), "size_mm": tuple(args.size_mm),
+            "boundary": args.boundary, "center_mm": None if args.center is None else tuple(args.center),
+            "mask_checkpoint": None if args.mask_checkpoint is None else str(args.mask_checkpoint)}
+
+
+
+
 def add_variant_args(p: argparse.ArgumentParser, per_case_help: str) -> None:
     """How synthetic lesions are shaped and placed: shared by `enlarge` and `trainer-config`."""
-    from lefusion_nnunet.cli.mask_commands import add_mask_control_flags
-
     p.add_argument("--per-case", type=int, default=2, help=f"{per_case_help} (default: 2)")
     add_mask_control_flags(p)
     region = p.add_mutually_exclusive_group()
@@ -83,8 +114,7 @@ def add_variant_args(p: argparse.ArgumentParser, per_case_help: str) -> None:
 
 def variant_settings_from_args(args: argparse.Namespace):
     """VariantSettings from the flags of :func:`add_variant_args` and :func:`add_sampler`."""
-    from lefusion_nnunet.cli.mask_commands import mask_settings_from_args
-    from lefusion_nnunet.variants import VariantSettings
+    from lefusion_nnunet.variant_settings import VariantSettings
 
     return VariantSettings(per_case=args.per_case, region_label=args.region_label,
                            region_masks_dir=str(args.region_masks) if args.region_masks else None,

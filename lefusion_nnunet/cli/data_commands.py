@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
-from lefusion_nnunet.cli.common import add_device, add_sampler, add_seed, add_variant_args, variant_settings_from_args
+from lefusion_nnunet.cli.common import (add_device, add_sampler, add_seed, add_variant_args, variant_settings_from_args,
+                                        xyz_to_zyx)
 
 
 def register(sub) -> None:
@@ -24,7 +26,8 @@ def register(sub) -> None:
                    help="fraction of cases without nodules (default: 0.375)")
     p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="volume size in voxels (default: 96 96 48)")
-    p.add_argument("--file-ending", default=".nii.gz", choices=[".nii.gz", ".nrrd", ".mha"])
+    p.add_argument("--file-ending", default=".nii.gz", choices=[".nii.gz", ".nrrd", ".mha"],
+                   help="file format of the images and labels (default: .nii.gz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     add_seed(p)
     p.set_defaults(func=run_phantom)
@@ -35,7 +38,10 @@ def register(sub) -> None:
                                    "grouped splits_final.json, lefusion_provenance.json and a montage. The source "
                                    "dataset is never written.")
     e.add_argument("-d", "--dataset", required=True, help="source dataset id or name")
-    e.add_argument("-o", "--output", required=True, help="destination dataset id or name (e.g. 502)")
+    dst = e.add_mutually_exclusive_group(required=True)
+    dst.add_argument("--destination", "--dst", dest="destination",
+                     help="destination dataset id or name (e.g. 502 -> Dataset502_<Source>LeFusion)")
+    dst.add_argument("-o", "--output", dest="destination_deprecated", help=argparse.SUPPRESS)
     e.add_argument("--checkpoint", type=Path, default=None, help="lesion checkpoint (default: the one "
                    "`lefusion train` wrote for the source dataset)")
     e.add_argument("--method", choices=["lefusion", "copy-paste"], default="lefusion",
@@ -58,66 +64,32 @@ def register(sub) -> None:
 
 
 def run_phantom(args: argparse.Namespace) -> int:
-    from lefusion_nnunet.cli.common import xyz_to_zyx
-    from lefusion_nnunet.data.dataset import env_folder
+    from lefusion_nnunet.phantoms import generate_phantom
 
-    if args.kind == "cardiac":
-        from lefusion_nnunet.data.phantom_cardiac import CardiacPhantomConfig as Config
-        from lefusion_nnunet.data.phantom_cardiac import generate_cardiac_phantom as generate
-        dataset_id, name = args.id or 511, args.name or "LeFusionCardiacPhantom"
-    else:
-        from lefusion_nnunet.data.phantom import PhantomConfig as Config
-        from lefusion_nnunet.data.phantom import generate_chest_phantom as generate
-        dataset_id, name = args.id or 501, args.name or "LeFusionChestPhantom"
-    out = args.output or env_folder("nnUNet_raw")
-    kwargs = dict(num_cases=args.cases, lesion_free_fraction=args.lesion_free_fraction,
-                  file_ending=args.file_ending, seed=args.seed)
-    if args.shape:
-        kwargs["shape_zyx"] = xyz_to_zyx(args.shape, "--shape", int)
-    folder = generate(out, dataset_id, name, Config(**kwargs), overwrite=args.overwrite)
+    folder = generate_phantom(args.kind, args.output, dataset_id=args.id, name=args.name, overwrite=args.overwrite,
+                              num_cases=args.cases, lesion_free_fraction=args.lesion_free_fraction,
+                              file_ending=args.file_ending, seed=args.seed,
+                              shape_zyx=xyz_to_zyx(args.shape, "--shape", int))
     print(f"dataset: {folder}")
     return 0
 
 
-def copy_paste_synthesizer(args: argparse.Namespace):
-    """`--method copy-paste`: real lesions of the source dataset. Labels, ROI size cap and intensity space come from
-    the lesion checkpoint when one is given or found (a comparison with LeFusion then uses the same size cap),
-    else from --lesion-label."""
-    from lefusion_nnunet.copy_paste import CopyPasteSynthesizer
-    from lefusion_nnunet.data.config import DataConfig
-    from lefusion_nnunet.data.dataset import load_raw_dataset
-    from lefusion_nnunet.errors import LeFusionInputError
-    from lefusion_nnunet.paths import find_default_checkpoint
-    from lefusion_nnunet.training.checkpoint import load_checkpoint_content
-
-    from lefusion_nnunet.copy_paste import DEFAULT_BLEND_MM
-
-    src = load_raw_dataset(args.dataset)
-    path = args.checkpoint
-    if path is None and args.lesion_label is None:
-        try:
-            path = find_default_checkpoint(src.name)
-        except LeFusionInputError as exc:
-            raise LeFusionInputError("--method copy-paste needs --lesion-label (or a lesion checkpoint of the "
-                                     "dataset to take the labels from).") from exc
-    data = None
-    if path is not None and args.lesion_label is None:
-        data = DataConfig.from_dict(load_checkpoint_content(path, expected_kind="lesion")["data_config"])
-    return CopyPasteSynthesizer.from_dataset(src, args.lesion_label, region_label=args.region_label, data=data,
-                                             blend_mm=DEFAULT_BLEND_MM if args.blend_mm is None else args.blend_mm,
-                                             batch_size=args.batch_size)
-
-
 def run_enlarge(args: argparse.Namespace) -> int:
-    from lefusion_nnunet.enlargement import enlarge
+    from lefusion_nnunet.enlargement.run import enlarge
+    from lefusion_nnunet.errors import LeFusionInputError
+    from lefusion_nnunet.synthesis.copy_paste import copy_paste_synthesizer
 
+    destination = args.destination
+    if destination is None:
+        destination = args.destination_deprecated
+        print("lefusion: warning: `enlarge -o` is deprecated (-o names folders elsewhere); use --destination "
+              f"{destination}.", file=sys.stderr)
     if args.method != "copy-paste" and (args.lesion_label is not None or args.blend_mm is not None):
-        from lefusion_nnunet.errors import LeFusionInputError
-
         raise LeFusionInputError("--lesion-label and --blend-mm only apply to --method copy-paste; drop them (the "
                                  "LeFusion method takes its lesion labels from the checkpoint).")
-    synthesizer = copy_paste_synthesizer(args) if args.method == "copy-paste" else None
-    summary = enlarge(args.dataset, args.output, checkpoint=args.checkpoint, settings=variant_settings_from_args(args),
+    synthesizer = (copy_paste_synthesizer(args.dataset, args.lesion_label, args.checkpoint, args.region_label,
+                                          args.blend_mm, args.batch_size) if args.method == "copy-paste" else None)
+    summary = enlarge(args.dataset, destination, checkpoint=args.checkpoint, settings=variant_settings_from_args(args),
                       cases_from=args.cases_from, copy_originals=args.copy_originals, batch_size=args.batch_size,
                       device=args.device, resume=args.resume, overwrite=args.overwrite, synthesizer=synthesizer)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary; print it once

@@ -5,14 +5,14 @@ with montage) -> nnU-Net's integrity check on the enlarged dataset -> a 1-epoch
 ``nnUNetv2_train ... -tr LeFusionTrainer_1epoch`` run. Everything lives under one folder with its own
 nnUNet_raw / nnUNet_preprocessed / nnUNet_results. The trainer is registered with the guarded shim
 (`lefusion install-trainer`; the ``nnUNet_extTrainer`` route cannot work on CPU-only installs, where nnU-Net's
-own trainer scan imports torchvision first); a shim the demo installed is removed again at the end.
+own trainer scan imports torchvision first); the shim stays installed afterwards (`lefusion uninstall-trainer`
+removes it).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -51,14 +51,20 @@ def _nnunet(cmd: list[str], env: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lefusion_nnunet.cli.main import main as lefusion
+    import shutil
+
+    from lefusion_nnunet.enlargement.run import enlarge
+    from lefusion_nnunet.integration.install import install_trainer_shim, shim_installed
+    from lefusion_nnunet.integration.trainer_config import configure_trainer
+    from lefusion_nnunet.phantoms import generate_phantom
+    from lefusion_nnunet.training.lesion import train_lesion_model_on_dataset
+    from lefusion_nnunet.training.loop import TrainConfig
+    from lefusion_nnunet.variant_settings import VariantSettings
 
     root = args.output.resolve()
     if root.exists() and any(root.iterdir()):
         if not args.overwrite:
             raise LeFusionInputError(f"demo folder {root} already exists; pass --overwrite or choose -o.")
-        import shutil
-
         shutil.rmtree(root)
     env_paths = {v: root / v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     for var, path in env_paths.items():
@@ -70,18 +76,19 @@ def run(args: argparse.Namespace) -> int:
     timings = {}
 
     t = _step("1/5 phantom dataset")
-    _checked(lefusion(["phantom", "--id", str(SOURCE_ID), "--cases", str(args.cases)]))
+    print(f"dataset: {generate_phantom('chest', dataset_id=SOURCE_ID, num_cases=args.cases)}")
     timings["phantom"] = time.perf_counter() - t
 
     t = _step(f"2/5 lesion model ({args.preset}, {args.steps} steps)")
-    _checked(lefusion(["train", "-d", str(SOURCE_ID), "--lesion-label", "2", "--region-label", "1",
-                       "--preset", args.preset, "--steps", str(args.steps), "--roi-size", "32", "32", "16",
-                       "--device", args.device]))
+    checkpoint = train_lesion_model_on_dataset(SOURCE_ID, [2], TrainConfig(preset=args.preset, steps=args.steps,
+                                                                          device=args.device),
+                                               roi_size_zyx=(16, 32, 32), region_label=1)
+    print(f"checkpoint: {checkpoint}")
     timings["train"] = time.perf_counter() - t
 
     t = _step("3/5 synthetic nodules in lesion-free cases (enlarged dataset)")
-    _checked(lefusion(["enlarge", "-d", str(SOURCE_ID), "-o", str(ENLARGED_ID), "--per-case", "1",
-                       "--region-label", "1", "--size-mm", "8", "16", "--device", args.device]))
+    variants = VariantSettings(per_case=1, region_label=1, size_mm=(8.0, 16.0))
+    print(enlarge(SOURCE_ID, ENLARGED_ID, checkpoint=checkpoint, settings=variants, device=args.device).format())
     timings["enlarge"] = time.perf_counter() - t
     enlarged = next(env_paths["nnUNet_raw"].glob(f"Dataset{ENLARGED_ID}_*"))
 
@@ -97,18 +104,11 @@ def run(args: argparse.Namespace) -> int:
         _nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(SOURCE_ID), "-c", "3d_fullres", "-np", "1"], env)
         timings["nnunet_preprocess"] = time.perf_counter() - t
         t = _step("5/5 nnUNetv2_train -tr LeFusionTrainer_1epoch")
-        _checked(lefusion(["trainer-config", "-d", str(SOURCE_ID), "--per-case", "1", "--region-label", "1",
-                           "--size-mm", "8", "16"]))
-        from lefusion_nnunet.integration.install import install_trainer_shim, shim_installed, uninstall_trainer_shim
-
-        had_shim = shim_installed()
-        install_trainer_shim()
-        try:
-            _nnunet(["nnUNetv2_train", str(SOURCE_ID), "3d_fullres", "0", "-tr", "LeFusionTrainer_1epoch",
-                     "-device", "cuda" if args.device == "cuda" else "cpu"], env)
-        finally:
-            if not had_shim:
-                uninstall_trainer_shim()
+        print(f"settings: {configure_trainer(SOURCE_ID, variants, checkpoint=checkpoint, device=args.device)}")
+        if not shim_installed():  # left installed: `nnUNetv2_train ... -tr LeFusionTrainer` keeps working afterwards
+            print(f"installed the LeFusionTrainer shim {install_trainer_shim()} (remove: lefusion uninstall-trainer)")
+        _nnunet(["nnUNetv2_train", str(SOURCE_ID), "3d_fullres", "0", "-tr", "LeFusionTrainer_1epoch",
+                 "-device", "cuda" if args.device == "cuda" else "cpu"], env)
         timings["nnunet_train"] = time.perf_counter() - t
 
     results = env_paths["nnUNet_results"]
@@ -124,7 +124,3 @@ def run(args: argparse.Namespace) -> int:
           f"nnUNet_preprocessed={env_paths['nnUNet_preprocessed']} nnUNet_results={results}")
     return 0
 
-
-def _checked(rc: int) -> None:
-    if rc != 0:
-        sys.exit(rc)

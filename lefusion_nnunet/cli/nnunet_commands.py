@@ -27,39 +27,23 @@ def register(sub) -> None:
                        description="Write a guarded shim into nnU-Net's trainer folder so that `-tr LeFusionTrainer` "
                                    "works for nnUNetv2_train and nnUNetv2_predict (also on CPU-only installs).")
     i.set_defaults(func=run_install)
-    u = sub.add_parser("uninstall-trainer", help="remove the shim written by install-trainer")
+    u = sub.add_parser("uninstall-trainer", help="remove the shim written by install-trainer",
+                       description="Remove the shim `lefusion install-trainer` wrote into nnU-Net's trainer folder "
+                                   "(nnU-Net then no longer finds -tr LeFusionTrainer).")
     u.set_defaults(func=run_uninstall)
-    t = sub.add_parser("trainer-dir", help="print the folder to put in nnUNet_extTrainer")
+    t = sub.add_parser("trainer-dir", help="print the folder to put in nnUNet_extTrainer",
+                       description="Print the folder holding the thin LeFusion trainer re-export, for "
+                                   "`export nnUNet_extTrainer=$(lefusion trainer-dir)` (works only where torchvision "
+                                   "imports; on CPU-only installs use `lefusion install-trainer`).")
     t.set_defaults(func=run_trainer_dir)
 
 
 def run_trainer_config(args: argparse.Namespace) -> int:
-    from lefusion_nnunet.data.config import DataConfig
-    from lefusion_nnunet.data.dataset import dataset_folder_name, load_raw_dataset
-    from lefusion_nnunet.integration.trainer_settings import TrainerSettings, write_trainer_settings
-    from lefusion_nnunet.paths import find_default_checkpoint, trainer_settings_file
-    from lefusion_nnunet.training.checkpoint import load_checkpoint_content
-    from lefusion_nnunet.validation import check_checkpoint_fits, check_output_absent, validate_dataset
+    from lefusion_nnunet.integration.trainer_config import configure_trainer
 
-    name = dataset_folder_name(args.dataset)
-    check_output_absent(trainer_settings_file(name), args.overwrite, "LeFusion trainer settings")
-    checkpoint = args.checkpoint or find_default_checkpoint(name)
-    variants = variant_settings_from_args(args)
-    settings = TrainerSettings(checkpoint=str(Path(checkpoint).resolve()), probability=args.probability,
-                               variants=variants, batch_size=args.batch_size, device=args.device)
-    # the checkpoint and the raw dataset the trainer's bank is built from, checked now rather than mid-training
-    data = DataConfig.from_dict(load_checkpoint_content(checkpoint, expected_kind="lesion")["data_config"])
-    raw = load_raw_dataset(name)
-    check_checkpoint_fits(data, raw)
-    region = None if variants.region_masks_dir else (
-        variants.region_label if variants.region_label is not None else data.region_label)
-    validate_dataset(raw, data.lesion_labels, region, data.channel, need_lesions=variants.mask_source == "real",
-                     need_lesion_free=True, read_voxels="none", region_masks_dir=variants.region_masks_dir,
-                     roi=data.roi, lesion_flag="the checkpoint's lesion label",
-                     region_flag="--region-label" if variants.region_label is not None
-                     else "the checkpoint's region label", channel_flag="the checkpoint's channel",
-                     lesion_free_hint="LeFusionTrainer only adds lesions to lesion-free cases, add some")
-    path = write_trainer_settings(name, settings)
+    path = configure_trainer(args.dataset, variant_settings_from_args(args), checkpoint=args.checkpoint,
+                             probability=args.probability, batch_size=args.batch_size, device=args.device,
+                             overwrite=args.overwrite)
     print(f"settings: {path}")
     return 0
 

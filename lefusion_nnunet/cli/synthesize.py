@@ -28,7 +28,8 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lefusion_nnunet.data.histogram import parse_textures
-    from lefusion_nnunet.synthesis import LesionSynthesizer, synthesize_files
+    from lefusion_nnunet.synthesis.files import synthesize_files
+    from lefusion_nnunet.synthesis.lesion import LesionSynthesizer
     from lefusion_nnunet.validation import check_output_absent, validate_case_files
 
     check_output_absent(args.output, args.overwrite, "output folder")

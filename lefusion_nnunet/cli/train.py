@@ -34,33 +34,17 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lefusion_nnunet.data.dataset import load_raw_dataset
-    from lefusion_nnunet.data.intensity import IntensitySpace
-    from lefusion_nnunet.data.roi import RoiGeometry
-    from lefusion_nnunet.errors import LeFusionInputError
-    from lefusion_nnunet.paths import default_run_dir
-    from lefusion_nnunet.training.trainer import TrainConfig, check_run_folder, train_lesion_model
-    from lefusion_nnunet.validation import (check_channel, check_labels_declared, median_spacing_zyx,
-                                            note_roi_larger_than_images, validate_dataset)
+    from lefusion_nnunet.training.lesion import train_lesion_model_on_dataset
+    from lefusion_nnunet.training.loop import TrainConfig
 
     config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
                          texture_clusters=args.texture_clusters, seed=args.seed, device=args.device)
-    if args.window is not None and not args.window[0] < args.window[1]:
-        raise LeFusionInputError(f"--window {args.window[0]:g} {args.window[1]:g} must be LO HI with LO < HI (HU).")
-    dataset = load_raw_dataset(args.dataset)
-    check_labels_declared(dataset, args.lesion_label, args.region_label)  # cheap checks first
-    check_channel(dataset, args.channel)
-    out = args.output or default_run_dir(dataset.name, args.preset)
-    check_run_folder(out, args.resume, args.overwrite)
-    check = validate_dataset(dataset, args.lesion_label, args.region_label, args.channel, need_lesions=True)
-    spacing = xyz_to_zyx(args.spacing, "--spacing") or median_spacing_zyx(check)
-    roi = RoiGeometry(size_zyx=xyz_to_zyx(args.roi_size, "--roi-size", int), spacing_zyx=spacing)
-    note_roi_larger_than_images(check, roi)
-    intensity = IntensitySpace("window", window=tuple(args.window)) if args.window else None
-    final = train_lesion_model(dataset, args.lesion_label, out, config, roi, region_label=args.region_label,
-                               intensity=intensity, channel=args.channel, resume=args.resume,
-                               overwrite=args.overwrite, check=check)
+    final = train_lesion_model_on_dataset(
+        args.dataset, args.lesion_label, config, out_dir=args.output,
+        roi_size_zyx=xyz_to_zyx(args.roi_size, "--roi-size", int), spacing_zyx=xyz_to_zyx(args.spacing, "--spacing"),
+        window=tuple(args.window) if args.window is not None else None, region_label=args.region_label,
+        channel=args.channel, resume=args.resume, overwrite=args.overwrite)
     print(f"checkpoint: {final}")
     print(f"log: {final.parent / 'training_log.jsonl'}  plot: {final.parent / 'loss.png'}")
     return 0

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lefusion_nnunet.configs import JsonConfig
+from lefusion_nnunet.data.dataset import RawDataset
 from lefusion_nnunet.data.intensity import IntensitySpace
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.errors import LeFusionCheckpointError
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(JsonConfig):
     """Training data of a LeFusion model.
 
     Attributes:
@@ -39,20 +41,6 @@ class DataConfig:
     def num_classes(self) -> int:
         return len(self.lesion_labels)
 
-    def to_dict(self) -> dict:
-        return {"dataset_name": self.dataset_name, "lesion_labels": list(self.lesion_labels),
-                "label_names": list(self.label_names), "region_label": self.region_label,
-                "channel": self.channel, "modality": self.modality, "roi": self.roi.to_dict(),
-                "intensity": self.intensity.to_dict(), "file_ending": self.file_ending, "extra": dict(self.extra)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DataConfig":
-        return cls(dataset_name=d["dataset_name"], lesion_labels=tuple(int(v) for v in d["lesion_labels"]),
-                   label_names=tuple(d["label_names"]), region_label=d["region_label"], channel=int(d["channel"]),
-                   modality=d["modality"], roi=RoiGeometry.from_dict(d["roi"]),
-                   intensity=IntensitySpace.from_dict(d["intensity"]), file_ending=d.get("file_ending", ".nii.gz"),
-                   extra=dict(d.get("extra", {})))
-
     def check_compatible(self, labels: dict[str, int], modality: str, what: str) -> None:
         """Raise if a dataset's labels/modality do not fit this checkpoint (``labels`` name -> value)."""
         values = set(labels.values())
@@ -64,3 +52,14 @@ class DataConfig:
         if modality != self.modality:
             raise LeFusionCheckpointError(f"the checkpoint was trained on {self.modality} images but {what} is "
                                           f"{modality}; use a checkpoint trained on this modality.")
+
+
+def build_data_config(dataset: RawDataset, lesion_labels: list[int], region_label: int | None, channel: int,
+                      roi: RoiGeometry, intensity: IntensitySpace) -> DataConfig:
+    names = {v: k for k, v in dataset.labels.items()}
+    if region_label is not None:
+        dataset.check_labels([region_label], "region label")
+    return DataConfig(dataset_name=dataset.name, lesion_labels=tuple(lesion_labels),
+                      label_names=tuple(names[v] for v in lesion_labels), region_label=region_label,
+                      channel=channel, modality=dataset.modality(channel), roi=roi, intensity=intensity,
+                      file_ending=dataset.file_ending)

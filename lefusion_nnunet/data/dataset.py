@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lefusion_nnunet.data.io import read_label
 from lefusion_nnunet.errors import LeFusionInputError
 
 _ENV_HELP = ("set it to a folder, e.g. `export {var}=/data/nnUNet_{short}` (see nnU-Net's "
@@ -185,7 +186,6 @@ def load_raw_dataset(name_or_path: str | int | Path, raw_root: Path | None = Non
 
 def label_presence(dataset: RawDataset, values: list[int]) -> dict[str, bool]:
     """Case id -> whether any of ``values`` occurs in its label map (reads every label file)."""
-    from lefusion_nnunet.data.io import read_label
 
     present = {}
     for c in dataset.cases:

@@ -7,17 +7,18 @@ lesion-vs-tissue contrast comparable across cases.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
+from lefusion_nnunet.configs import JsonConfig
 from lefusion_nnunet.errors import LeFusionInputError
 
 INTENSITY_KINDS = ("window", "percentile")
 
 
 @dataclass(frozen=True)
-class IntensitySpace:
+class IntensitySpace(JsonConfig):
     """How native voxel values map to the model's [-1, 1].
 
     Args:
@@ -60,16 +61,6 @@ class IntensitySpace:
         """Model space [-1, 1] -> native units (float32)."""
         lo, hi = value_range
         return ((np.asarray(values, dtype=np.float32) + 1.0) * 0.5 * (hi - lo) + lo).astype(np.float32)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["window"] = list(self.window)
-        d["percentiles"] = list(self.percentiles)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "IntensitySpace":
-        return cls(kind=d["kind"], window=tuple(d["window"]), percentiles=tuple(d["percentiles"]))
 
 
 def derive_ct_window(lesion_values: np.ndarray, context_values: np.ndarray, step: float = 50.0) -> tuple[float, float]:

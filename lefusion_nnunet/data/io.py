@@ -282,3 +282,87 @@ def file_ending_of(path: Path | str) -> str:
     """``.nii.gz`` aware file ending."""
     name = Path(path).name
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def voxel_to_world(index_zyx, properties: dict) -> list[float]:
+    """Physical position (x, y, z mm, as SimpleITK/ITK report it) of a (z, y, x) voxel index."""
+    geo = properties.get("sitk_stuff")
+    if geo is None:
+        return []
+    spacing = np.asarray(geo["spacing"], np.float64)
+    direction = np.asarray(geo["direction"], np.float64).reshape(3, 3)
+    idx_xyz = np.asarray(index_zyx, np.float64)[::-1]
+    return [round(float(v), 4) for v in np.asarray(geo["origin"], np.float64) + direction @ (idx_xyz * spacing)]
+
+
+def world_to_voxel(point_xyz_mm, properties: dict) -> np.ndarray:
+    """The inverse of :func:`voxel_to_world`: a world position (x, y, z mm) -> float voxel index (z, y, x)."""
+    geo = properties.get("sitk_stuff")
+    if geo is None:
+        raise LeFusionInputError("--center needs the image geometry (origin, spacing, direction), which this "
+                                 "image reader does not report; give the lesion mask instead.")
+    spacing = np.asarray(geo["spacing"], np.float64)
+    direction = np.asarray(geo["direction"], np.float64).reshape(3, 3)
+    rel = np.asarray(point_xyz_mm, np.float64) - np.asarray(geo["origin"], np.float64)
+    return (np.linalg.solve(direction, rel) / spacing)[::-1]
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a file header says about an image (SimpleITK order: x, y, z)."""
+
+    file: Path
+    dimension: int
+    components: int
+    size_xyz: tuple[int, ...]
+    spacing_xyz: tuple[float, ...]
+    origin_xyz: tuple[float, ...]
+    direction: tuple[float, ...]
+    pixel_id: int = -1
+
+    @property
+    def size_zyx(self) -> tuple[int, ...]:
+        return tuple(self.size_xyz[::-1])
+
+    @property
+    def extent_mm_zyx(self) -> np.ndarray:
+        return np.asarray(self.size_xyz, np.float64)[::-1] * np.asarray(self.spacing_xyz, np.float64)[::-1]
+
+
+def _unreadable(path: Path, what: str = "image") -> LeFusionInputError:
+    return LeFusionInputError(f"{what} file {path} cannot be read (truncated, corrupt or not an image); re-export "
+                              f"or replace it.")
+
+
+def read_header(path: Path | str, what: str = "image") -> Header:
+    """Header of one image file, read without its voxels."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeFusionInputError(f"{what} file {path} does not exist; check the dataset folder and dataset.json.")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _unreadable(path, what) from exc
+    return Header(path, reader.GetDimension(), reader.GetNumberOfComponents(), tuple(reader.GetSize()),
+                  tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()),
+                  int(reader.GetPixelID()))
+
+
+def _header_of(image: sitk.Image, path: Path) -> Header:
+    return Header(path, image.GetDimension(), image.GetNumberOfComponentsPerPixel(), tuple(image.GetSize()),
+                  tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()),
+                  int(image.GetPixelID()))
+
+
+def read_volume(path: Path | str, what: str = "image") -> tuple[np.ndarray, Header]:
+    """All voxels of one file as ``(Z, Y, X)`` and its header."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeFusionInputError(f"{what} file {path} does not exist; check the dataset folder and dataset.json.")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise _unreadable(path, what) from exc
+    return sitk.GetArrayFromImage(image), _header_of(image, path)  # a copy: a view dies with ``image``

@@ -18,8 +18,8 @@ from lefusion_nnunet.data.dataset import RawDataset
 from lefusion_nnunet.data.histogram import HIST_BINS, lesion_histogram
 from lefusion_nnunet.data.intensity import IntensitySpace, derive_ct_window
 from lefusion_nnunet.data.io import check_same_grid, read_image, read_label
-from lefusion_nnunet.data.roi import (RoiGeometry, extract_roi, extract_roi_mask, mask_fits_roi,
-                                      roi_center_for_mask, roi_origin_for_center)
+from lefusion_nnunet.data.roi import (RoiGeometry, extract_roi, extract_roi_mask, mask_fits_roi, roi_center_for_mask,
+                                      roi_origin_for_center)
 from lefusion_nnunet.errors import LeFusionInputError
 
 log = logging.getLogger(__name__)

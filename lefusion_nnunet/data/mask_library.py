@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from lefusion_nnunet.data.io import read_label
 from lefusion_nnunet.data.masks import (REAL_MAX_ANGLE_DEG, REAL_SCALE_LIMITS, Spacing, _check_spacing, crop_to_mask,
                                         lesion_components, mask_equivalent_diameter)
 from lefusion_nnunet.errors import LeFusionInputError
@@ -61,7 +62,6 @@ class MaskLibrary:
         """
         from tqdm.auto import tqdm
 
-        from lefusion_nnunet.data.io import read_label
 
         lesion_labels = [int(v) for v in lesion_labels]
         dataset.check_labels(lesion_labels, "lesion label")

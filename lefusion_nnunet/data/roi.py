@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from lefusion_nnunet.configs import JsonConfig
 from lefusion_nnunet.errors import LeFusionInputError
 
 Vec3 = tuple[float, float, float]
 
 
 @dataclass(frozen=True)
-class RoiGeometry:
+class RoiGeometry(JsonConfig):
     """The model grid: ``size_zyx`` voxels (user says 64 x 64 x 32 for x, y, z) of ``spacing_zyx`` mm."""
 
     size_zyx: tuple[int, int, int] = (32, 64, 64)
@@ -39,17 +40,16 @@ class RoiGeometry:
         """Physical ROI size per axis (z, y, x) in mm."""
         return np.asarray(self.size_zyx) * np.asarray(self.spacing_zyx)
 
-    def to_dict(self) -> dict:
-        return {"size_zyx": list(self.size_zyx), "spacing_zyx": list(self.spacing_zyx)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RoiGeometry":
-        return cls(tuple(int(v) for v in d["size_zyx"]), tuple(float(v) for v in d["spacing_zyx"]))
-
 
 def _scale(native_spacing: Vec3, geometry: RoiGeometry) -> np.ndarray:
     """Native voxels per model voxel, per axis (z, y, x)."""
     return np.asarray(geometry.spacing_zyx, np.float64) / np.asarray(native_spacing, np.float64)
+
+
+def plan_roi_origin(union_zyx: np.ndarray, native_spacing: Vec3, geometry: RoiGeometry) -> np.ndarray:
+    """Where the model ROI of a lesion goes: native voxel index (z, y, x) of ROI voxel 0, the ROI centred on the
+    bounding box of ``union_zyx`` (bool, native grid). Planned once per lesion; extraction and paste-back use it."""
+    return roi_origin_for_center(roi_center_for_mask(union_zyx), native_spacing, geometry)
 
 
 def roi_origin_for_center(center_zyx, native_spacing: Vec3, geometry: RoiGeometry) -> np.ndarray:

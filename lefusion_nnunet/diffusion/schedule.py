@@ -9,14 +9,13 @@ are ``(B,)`` long tensors.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from lefusion_nnunet.configs import JsonConfig
 from lefusion_nnunet.errors import LeFusionInputError
 
 BETA_SCHEDULES = ("cosine", "linear")
@@ -31,7 +30,7 @@ _TENSOR_FIELDS = (
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
+class ScheduleConfig(JsonConfig):
     """Configuration of the forward process.
 
     Args:
@@ -51,16 +50,6 @@ class ScheduleConfig:
                 or self.num_train_timesteps < 1:
             raise LeFusionInputError(f"num_train_timesteps must be a positive integer, got "
                                      f"{self.num_train_timesteps!r}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ScheduleConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise LeFusionInputError(f"unknown ScheduleConfig keys {sorted(unknown)}.")
-        return cls(**d)
 
 
 def cosine_betas(num_timesteps: int, s: float = _COSINE_S) -> Tensor:

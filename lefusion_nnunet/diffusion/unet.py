@@ -10,7 +10,6 @@ classifier-free guidance needs. Works on CPU and CUDA, with ``channels_last_3d``
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lefusion_nnunet.configs import JsonConfig
 from lefusion_nnunet.errors import LeFusionInputError
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -39,7 +39,7 @@ COND_ENCODINGS = ("raw", "histogram")
 
 
 @dataclass(frozen=True)
-class DenoiserConfig:
+class DenoiserConfig(JsonConfig):
     """Architecture of :class:`LesionDenoiser`; the defaults are the ``"small"`` preset.
 
     Args:
@@ -100,19 +100,6 @@ class DenoiserConfig:
         if name not in PRESETS:
             raise LeFusionInputError(f"unknown denoiser preset {name!r}; valid presets are {', '.join(PRESETS)}.")
         return cls(image_channels=image_channels, hist_bins=hist_bins, **{**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["channel_mults"] = list(self.channel_mults)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DenoiserConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise LeFusionInputError(f"unknown DenoiserConfig keys {sorted(unknown)}; the checkpoint may come "
-                                     f"from a newer lefusion_nnunet.")
-        return cls(**d)
 
 
 def _groups(channels: int) -> int:

@@ -39,8 +39,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from lefusion_nnunet.data.io import read_image, read_label, write_image_channel, write_label
 from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.synthesis.lesion import LesionSynthesizer
 from lefusion_nnunet.utils import atomic_directory, atomic_write_json
+from lefusion_nnunet.variants import make_variants as _make_variants
 
 BANK_FOLDER = "lefusion_bank"
 MANIFEST_NAME = "bank.json"
@@ -114,14 +117,6 @@ def plans_sha256(plans: dict, configuration: str, dataset_json: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- cases
-
-def checkpoint_lesion_labels(checkpoint: Path | str) -> tuple[int, ...]:
-    """Lesion label values a lesion checkpoint was trained for (reads metadata, builds no model)."""
-    from lefusion_nnunet.data.config import DataConfig
-    from lefusion_nnunet.training.checkpoint import load_checkpoint_content
-
-    content = load_checkpoint_content(checkpoint, expected_kind="lesion")
-    return tuple(int(v) for v in DataConfig.from_dict(content["data_config"]).lesion_labels)
 
 
 def lesion_free_cases(preprocessed_folder: Path | str, case_ids: Iterable[str],
@@ -283,7 +278,6 @@ def ensure_bank(spec: BankSpec, root: Path | str, build: BuildFn, *, rank: int =
 
 def make_synthesizer(checkpoint: Path | str, variants: Any, device: str, batch_size: int):
     """The lesion synthesizer for the bank: checkpoint defaults, overridden by ``variants.sampler``."""
-    from lefusion_nnunet.synthesis import LesionSynthesizer
 
     return LesionSynthesizer.from_checkpoint(checkpoint, device, getattr(variants, "sampler", None),
                                              getattr(variants, "guidance_scale", 1.0), batch_size)
@@ -291,7 +285,6 @@ def make_synthesizer(checkpoint: Path | str, variants: Any, device: str, batch_s
 
 def make_variants(synth, raw_dataset, case_ids: list[str], settings):
     """:func:`lefusion_nnunet.variants.make_variants` (a seam tests replace)."""
-    from lefusion_nnunet.variants import make_variants as _make_variants
 
     return _make_variants(synth, raw_dataset, case_ids, settings)
 
@@ -310,7 +303,6 @@ class _Preprocessor:
         self._ref = None
 
     def _reference(self, source_case: str):
-        from lefusion_nnunet.data.io import read_image, read_label
 
         if self._ref_case != source_case:
             files = self.raw.case(source_case)
@@ -323,7 +315,6 @@ class _Preprocessor:
         return self._ref
 
     def __call__(self, case, out_dir: Path, tmp_dir: Path) -> None:
-        from lefusion_nnunet.data.io import write_image_channel, write_label
         from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
         image, label_props = getattr(case, "reference", None), getattr(case, "label_properties", None)

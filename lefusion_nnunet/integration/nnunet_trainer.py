@@ -29,9 +29,15 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import empty_cache
 
+from lefusion_nnunet.checkpoints.loaders import checkpoint_data_config
+from lefusion_nnunet.data.dataset import load_raw_dataset
+from lefusion_nnunet.errors import LeFusionInputError
 from lefusion_nnunet.integration import bank as _bank
 from lefusion_nnunet.integration.swap_dataset import SyntheticSwapDataset, read_draws
 from lefusion_nnunet.integration.trainer_settings import load_trainer_settings, resolve_checkpoint
+from lefusion_nnunet.paths import find_default_checkpoint
+from lefusion_nnunet.utils import sha256_file
+from lefusion_nnunet.validation import validate_variant_inputs
 
 __all__ = ["LeFusionTrainer", "LeFusionTrainer_1epoch", "LeFusionTrainer_5epochs", "LeFusionTrainer_p025",
            "LeFusionTrainer_p075"]
@@ -108,46 +114,23 @@ class LeFusionTrainer(nnUNetTrainer):
     def _lefusion_validate(self, settings, data, free: list[str]) -> None:
         """Every input problem of the bank build as one sentence, before any work: the raw dataset, the
         checkpoint's fit to it (labels, modality, channel), region label / masks, and the images to be read."""
-        from lefusion_nnunet.data.dataset import load_raw_dataset
-        from lefusion_nnunet.errors import LeFusionInputError
-        from lefusion_nnunet.validation import check_checkpoint_fits, check_finite_voxels, validate_dataset
 
-        variants = settings.variants
         try:
-            raw = load_raw_dataset(self.plans_manager.dataset_name)
-            check_checkpoint_fits(data, raw)
-            region = None if variants.region_masks_dir else (
-                variants.region_label if variants.region_label is not None else data.region_label)
-            real = variants.mask_source == "real"
-            check = validate_dataset(
-                raw, data.lesion_labels, region, data.channel, need_lesions=real, cases=None if real else free,
-                read_voxels="none", region_masks_dir=variants.region_masks_dir, roi=data.roi,
-                lesion_flag="the checkpoint's lesion label",
-                region_flag="region_label" if variants.region_label is not None else "the checkpoint's region label",
-                channel_flag="the checkpoint's channel")
-            if region is not None and not any(int(region) in check.label_values[c] for c in free):
-                raise LeFusionInputError(f"region label {region} occurs in none of the lesion-free training cases "
-                                         f"{free}; set another region label with `lefusion trainer-config`.")
-            for case in free:
-                for f in raw.case(case).images:
-                    check_finite_voxels(f, "image")
+            validate_variant_inputs(load_raw_dataset(self.plans_manager.dataset_name), data, settings.variants,
+                                    cases=free)
         except LeFusionInputError as exc:
             self.print_to_log_file(f"LeFusion: error: {exc}")
             raise
 
     def _lefusion_bank(self, settings, train_keys: list[str]) -> _bank.SyntheticBank | None:
-        from lefusion_nnunet.data.config import DataConfig
-        from lefusion_nnunet.training.checkpoint import load_checkpoint_content
-        from lefusion_nnunet.utils import sha256_file
 
-        data = DataConfig.from_dict(load_checkpoint_content(settings.checkpoint, expected_kind="lesion")["data_config"])
+        data = checkpoint_data_config(settings.checkpoint, expected_kind="lesion")
         labels = tuple(int(v) for v in data.lesion_labels)
         free = _bank.lesion_free_cases(self.preprocessed_dataset_folder, train_keys, labels)
         if not free:
             return None
         mask_sha = None
         if settings.variants.mask_source == "diffusion":  # a retrained mask model must rebuild the bank
-            from lefusion_nnunet.paths import find_default_checkpoint
 
             mask_sha = sha256_file(settings.variants.mask_checkpoint
                                    or find_default_checkpoint(self.plans_manager.dataset_name, kind="mask"))
@@ -160,7 +143,6 @@ class LeFusionTrainer(nnUNetTrainer):
         device = str(self.device) if settings.device == "auto" else settings.device
 
         def build(folder):
-            from lefusion_nnunet.data.dataset import load_raw_dataset
 
             self.print_to_log_file(f"LeFusion: building the synthetic bank ({settings.variants.per_case} "
                                    f"variants for each of {len(free)} lesion-free training cases) on {device}")

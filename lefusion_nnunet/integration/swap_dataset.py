@@ -6,6 +6,7 @@ records each load in a draws log; :func:`read_draws` counts what was drawn.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,12 @@ import numpy as np
 if TYPE_CHECKING:
     from lefusion_nnunet.integration.bank import SyntheticBank
 
-__all__ = ["SyntheticSwapDataset", "DrawStats", "read_draws"]
+__all__ = ["SyntheticSwapDataset", "DrawStats", "read_draws", "DRAWS_LOG_HEADER"]
+
+log = logging.getLogger(__name__)
+
+#: First line of a draws log: the columns of every following line.
+DRAWS_LOG_HEADER = "# kind (S = synthetic variant, R = real case)\tsource case\tloaded case\n"
 
 
 class SyntheticSwapDataset:
@@ -27,7 +33,8 @@ class SyntheticSwapDataset:
     ``(data, seg, seg_prev, properties)``. When a case with variants is drawn, a uniform draw below P
     returns a uniformly chosen variant from the bank instead. Randomness is numpy's, from a generator created
     per process (forked data-augmentation workers each get their own from OS entropy). Every load appends a
-    line ``S|R <tab> source <tab> loaded id`` to ``draws_log`` (``O_APPEND``, safe across processes).
+    line ``S|R <tab> source <tab> loaded id`` to ``draws_log`` (``O_APPEND``, safe across processes) below a
+    header line (:data:`DRAWS_LOG_HEADER`).
     Picklable (only paths and plain data are kept).
     """
 
@@ -42,6 +49,12 @@ class SyntheticSwapDataset:
         variant_ids = sorted(v for vs in self.variants_by_source.values() for v in vs)
         self.bank = dataset_class(str(bank.folder), variant_ids)
         self.draws_log = draws_log
+        if draws_log is not None and not os.path.exists(draws_log):  # main process, before any worker forks
+            try:
+                with open(draws_log, "x") as f:
+                    f.write(DRAWS_LOG_HEADER)
+            except FileExistsError:
+                pass
         self._pid: int | None = None
         self._rng: np.random.Generator | None = None
         self._fd: int | None = None
@@ -64,7 +77,7 @@ class SyntheticSwapDataset:
                 self._fd = os.open(self.draws_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             os.write(self._fd, f"{kind}\t{source}\t{loaded}\n".encode())
         except OSError as exc:
-            print(f"LeFusion: cannot write the draws log {self.draws_log} ({exc}); draws are no longer recorded")
+            log.warning("LeFusion: cannot write the draws log %s (%s); draws are no longer recorded", self.draws_log, exc)
             self.draws_log = None
 
     def load_case(self, identifier: str):
@@ -105,7 +118,7 @@ def read_draws(path: Path | str, offset: int = 0) -> DrawStats:
         text = ""
     for line in text.splitlines():
         parts = line.split("\t")
-        if len(parts) != 3:
+        if line.startswith("#") or len(parts) != 3:
             continue
         loads += 1
         if parts[0] == "S":

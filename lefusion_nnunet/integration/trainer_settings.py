@@ -33,8 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lefusion_nnunet.configs import JsonConfig
+from lefusion_nnunet.data.dataset import dataset_folder_name
 from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.paths import find_default_checkpoint, trainer_settings_file
 from lefusion_nnunet.utils import atomic_write_json
+from lefusion_nnunet.variant_settings import VariantSettings
 
 ENV_SETTINGS = "LEFUSION_SETTINGS"
 ENV_CHECKPOINT = "LEFUSION_CHECKPOINT"
@@ -49,18 +53,8 @@ ENV_VARS = (ENV_SETTINGS, ENV_CHECKPOINT, ENV_PROBABILITY, ENV_PER_CASE, ENV_SEE
             ENV_ITERATIONS, ENV_VAL_ITERATIONS)
 
 
-def _variant_settings_class():
-    from lefusion_nnunet.variants import VariantSettings
-
-    return VariantSettings
-
-
-def _default_variants():
-    return _variant_settings_class()()
-
-
 @dataclass(frozen=True)
-class TrainerSettings:
+class TrainerSettings(JsonConfig):
     """What ``LeFusionTrainer`` synthesises and how often it uses it.
 
     Attributes:
@@ -73,9 +67,11 @@ class TrainerSettings:
         num_val_iterations_per_epoch: None keeps nnU-Net's value (50).
     """
 
+    config_title = "LeFusion trainer settings"
+
     checkpoint: str | None = None
     probability: float = 0.5
-    variants: Any = field(default_factory=_default_variants)
+    variants: VariantSettings = field(default_factory=VariantSettings)
     batch_size: int = 4
     device: str = "auto"
     num_iterations_per_epoch: int | None = None
@@ -89,7 +85,7 @@ class TrainerSettings:
             raise LeFusionInputError(f"LeFusion probability {self.probability!r} must be a number between 0 and 1.")
         object.__setattr__(self, "probability", float(self.probability))
         if isinstance(self.variants, dict):
-            object.__setattr__(self, "variants", _variant_settings_class().from_dict(self.variants))
+            object.__setattr__(self, "variants", VariantSettings.from_dict(self.variants))
         if not _is_int(self.batch_size) or self.batch_size < 1:
             raise LeFusionInputError(f"LeFusion batch size {self.batch_size!r} must be an integer >= 1.")
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "mps")
@@ -103,36 +99,17 @@ class TrainerSettings:
         if not _is_int(per_case) or per_case < 1:
             raise LeFusionInputError(f"LeFusion variants per case {per_case!r} must be an integer >= 1.")
 
-    def to_dict(self) -> dict:
-        return {"checkpoint": self.checkpoint, "probability": self.probability,
-                "variants": self.variants.to_dict(), "batch_size": self.batch_size, "device": self.device,
-                "num_iterations_per_epoch": self.num_iterations_per_epoch,
-                "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainerSettings":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise LeFusionInputError(f"unknown LeFusion trainer setting(s) {sorted(unknown)}; known: "
-                                     f"{[f.name for f in dataclasses.fields(cls)]}.")
-        kwargs = dict(d)
-        if "variants" in kwargs and isinstance(kwargs["variants"], dict):
-            kwargs["variants"] = _variant_settings_class().from_dict(kwargs["variants"])
-        return cls(**kwargs)
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _settings_path(dataset_name: str) -> Path:
-    from lefusion_nnunet.paths import trainer_settings_file
 
     return trainer_settings_file(dataset_name)
 
 
 def _dataset_name(name_or_id: str | int) -> str:
-    from lefusion_nnunet.data.dataset import dataset_folder_name
 
     return dataset_folder_name(name_or_id)
 
@@ -232,7 +209,6 @@ def load_trainer_settings(dataset_name: str | int, require_checkpoint: bool = Tr
 def resolve_checkpoint(settings: TrainerSettings, dataset_name: str) -> TrainerSettings:
     """Fill in the dataset's default checkpoint when none is set; check that the file exists."""
     if settings.checkpoint is None:
-        from lefusion_nnunet.paths import find_default_checkpoint
 
         return dataclasses.replace(settings, checkpoint=str(find_default_checkpoint(dataset_name)))
     if not Path(settings.checkpoint).is_file():

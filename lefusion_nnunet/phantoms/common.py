@@ -9,10 +9,6 @@ global RNG.
 from __future__ import annotations
 
 import math
-import os
-import re
-import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +16,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.configs import JsonConfig
+from lefusion_nnunet.data.raw_writer import check_dataset_id_free, dataset_name, raw_dataset_folder
 
 __all__ = ["MANIFEST_NAME", "SUPPORTED_FILE_ENDINGS", "Spacing", "PhantomConfigBase", "as_int", "smooth_field",
-           "sphere_perturbation", "sigmoid", "gaussian_noise", "kernel_norm", "phantom_dataset_name",
-           "write_case_files", "write_raw_dataset"]
+           "sphere_perturbation", "sigmoid", "gaussian_noise", "kernel_norm", "write_case_files", "write_raw_dataset"]
 
 #: File name of the per-case ground-truth manifest written next to ``dataset.json``.
 MANIFEST_NAME = "phantom_manifest.json"
@@ -37,7 +33,7 @@ Spacing = tuple[float, float, float]
 # =================================================================================================
 # configuration
 # =================================================================================================
-class PhantomConfigBase:
+class PhantomConfigBase(JsonConfig):
     """What the chest and cardiac phantom configurations share: the lesion-free count, JSON round trip and
     the checks of ``file_ending`` and ``seed``. Subclasses are frozen dataclasses with those fields."""
 
@@ -59,19 +55,6 @@ class PhantomConfigBase:
         if self.num_cases >= 2:
             n = min(max(n, 1), self.num_cases - 1)
         return min(max(n, 0), self.num_cases)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (plain ints, floats, strings and lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`LeFusionInputError`."""
-        fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise LeFusionInputError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(fields)}.")
-        return cls(**d)
 
 
 def as_int(v: Any) -> int:
@@ -136,17 +119,6 @@ def kernel_norm(sigma_vox: tuple[float, ...]) -> float:
 # =================================================================================================
 # writing the nnU-Net raw dataset
 # =================================================================================================
-def phantom_dataset_name(dataset_id: int = 501, name: str = "LeFusionChestPhantom") -> str:
-    """``Dataset{id:03d}_{name}``, validated for nnU-Net."""
-    if isinstance(dataset_id, bool) or not isinstance(dataset_id, (int, np.integer)) or not 1 <= dataset_id <= 999:
-        raise LeFusionInputError(f"dataset id {dataset_id!r} is invalid; nnU-Net dataset ids are integers "
-                                 f"between 1 and 999.")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name or ""):
-        raise LeFusionInputError(f"dataset name {name!r} is invalid; use letters, digits, '_' and '-' only "
-                                 f"(it becomes the folder name Dataset{int(dataset_id):03d}_<name>).")
-    return f"Dataset{int(dataset_id):03d}_{name}"
-
-
 def _sitk_image(array: np.ndarray, spacing_zyx: Spacing, origin_xyz: tuple[float, float, float]) -> sitk.Image:
     img = sitk.GetImageFromArray(array)
     img.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))  # SimpleITK order: (x, y, z)
@@ -167,48 +139,14 @@ def write_case_files(folder: Path, case_id: str, image: np.ndarray, label: np.nd
 
 def write_raw_dataset(raw_root: Path | str, dataset_id: int, name: str, fill, overwrite: bool = False) -> Path:
     """Build ``<raw_root>/Dataset{id:03d}_{name}`` atomically: ``fill(partial_folder)`` writes the content
-    (``imagesTr`` and ``labelsTr`` exist already) into a sibling ``.partial`` folder that is then moved into place.
+    (``imagesTr`` and ``labelsTr`` exist already) into a hidden sibling folder that is then moved into place.
 
     Refuses an existing folder unless ``overwrite``, and always refuses another folder with the same id.
     Write failures become :class:`LeFusionInputError` and leave nothing behind.
     """
     raw_root = Path(raw_root)
-    ds_name = phantom_dataset_name(dataset_id, name)
-    final = raw_root / ds_name
-    if final.exists() and not overwrite:
-        raise LeFusionInputError(f"dataset folder {final} already exists; pass overwrite=True (--overwrite) to "
-                                 f"replace it or choose another dataset id.")
-    if raw_root.is_dir():
-        clash = sorted(p.name for p in raw_root.glob(f"Dataset{int(dataset_id):03d}_*") if p.name != ds_name)
-        if clash:
-            raise LeFusionInputError(f"{raw_root} already holds {clash[0]} with dataset id {int(dataset_id):03d}; "
-                                     f"choose another dataset id so nnU-Net can tell the datasets apart.")
-    partial = raw_root / f".{ds_name}.partial-{os.getpid()}"
-    try:
-        if partial.exists():
-            shutil.rmtree(partial)
-        (partial / "imagesTr").mkdir(parents=True)
-        (partial / "labelsTr").mkdir()
+    final = raw_root / dataset_name(dataset_id, name)
+    check_dataset_id_free(final.name, [raw_root], hint="choose another dataset id (--id)")
+    with raw_dataset_folder(final, overwrite=overwrite) as partial:
         fill(partial)
-        if final.exists():
-            if not overwrite:  # appeared while we were building
-                raise LeFusionInputError(f"dataset folder {final} appeared while the phantom was being written; "
-                                         f"pass overwrite=True to replace it.")
-            trash = raw_root / f".{ds_name}.old-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(partial, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(partial, final)
-    except OSError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise LeFusionInputError(f"could not write the phantom dataset {final}: {exc.strerror or exc}; choose "
-                                 f"a writable raw folder with free space.") from exc
-    except RuntimeError as exc:  # SimpleITK wraps I/O errors in RuntimeError
-        shutil.rmtree(partial, ignore_errors=True)
-        raise LeFusionInputError(f"could not write the phantom dataset {final}: "
-                                 f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}.") from exc
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return final

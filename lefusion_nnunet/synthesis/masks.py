@@ -17,7 +17,7 @@ Training is :func:`lefusion_nnunet.training.mask_trainer.train_mask_model` (plai
 is the whole ROI). This module loads mask checkpoints and samples masks (:class:`MaskGenerator`,
 :func:`generate_case_mask`): DDIM over the whole ROI (the inpainting sampler with an all-ones generation mask), then
 :func:`lefusion_nnunet.mask_shapes.postprocess_masks` turns the sampled channels into masks of the requested size
-and boundary (the encodings are in :mod:`lefusion_nnunet.mask_shapes` too).
+and boundary (the encodings are in :mod:`lefusion_nnunet.data.mask_shapes` too).
 """
 from __future__ import annotations
 
@@ -29,51 +29,21 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from lefusion_nnunet.checkpoints.loaders import DEFAULT_MASK_SAMPLER, LoadedMaskCheckpoint, load_mask_checkpoint
 from lefusion_nnunet.data.config import DataConfig
+from lefusion_nnunet.data.io import world_to_voxel
+from lefusion_nnunet.data.mask_shapes import (MASK_FEATURES, VOLUME_TOLERANCE, check_boundary, decode_cumulative,
+                                              postprocess_masks, reference_mm, sphere_channel)
 from lefusion_nnunet.data.masks import (equivalent_diameter_mm, keep_largest_component, mask_volume_mm3,
                                         roi_mask_to_native, sphere_volume_mm3)
+from lefusion_nnunet.data.placement import allowed_region, choose_center, nearest_allowed_voxel
 from lefusion_nnunet.data.roi import extract_roi_mask, roi_origin_for_center
-from lefusion_nnunet.diffusion import (DDIMInpaintSampler, DenoiserConfig, LesionDenoiser, NoiseSchedule,
-                                       SamplerConfig, ScheduleConfig)
+from lefusion_nnunet.diffusion import DDIMInpaintSampler, SamplerConfig
 from lefusion_nnunet.errors import LeFusionInputError
-from lefusion_nnunet.mask_shapes import (MASK_FEATURES, VOLUME_TOLERANCE, check_boundary, decode_cumulative,
-                                         postprocess_masks, reference_mm, sphere_channel)
-from lefusion_nnunet.training.checkpoint import load_checkpoint_content
-from lefusion_nnunet.training.mask_trainer import DEFAULT_MASK_SAMPLER
-from lefusion_nnunet.utils import resolve_device, sha256_file
+from lefusion_nnunet.seeding import seeded_generator, seeded_rng
+from lefusion_nnunet.utils import resolve_device
 
-__all__ = ["LoadedMaskCheckpoint", "load_mask_checkpoint", "GeneratedMask", "MaskGenerator",
-           "check_mask_checkpoint_matches", "generate_case_mask"]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# loading and sampling
-@dataclass
-class LoadedMaskCheckpoint:
-    """A mask model ready to sample: EMA weights in eval mode, its data config and training features."""
-
-    path: Path
-    file_sha256: str
-    data: DataConfig
-    model: LesionDenoiser
-    schedule: NoiseSchedule
-    features: np.ndarray                 # (N, C * 4) training lesion features
-    training_summary: dict
-    sampler_defaults: dict
-
-
-def load_mask_checkpoint(path: Path | str, device: str = "cpu") -> LoadedMaskCheckpoint:
-    """Load a ``"mask"`` checkpoint written by :func:`train_mask_model`."""
-    content = load_checkpoint_content(path, expected_kind="mask")
-    model = LesionDenoiser(DenoiserConfig.from_dict(content["model_config"]))
-    model.load_state_dict(content["ema_state"])
-    model.to(device).eval()
-    summary = dict(content.get("training_summary", {}))
-    return LoadedMaskCheckpoint(
-        path=Path(path), file_sha256=sha256_file(path), data=DataConfig.from_dict(content["data_config"]), model=model,
-        schedule=NoiseSchedule(ScheduleConfig(**content["schedule_config"])).to(device),
-        features=np.asarray(summary.pop("features"), np.float32), training_summary=summary,
-        sampler_defaults=dict(content.get("sampler_defaults", {})))
+__all__ = ["GeneratedMask", "MaskGenerator", "generate_case_mask"]
 
 
 @dataclass
@@ -210,7 +180,6 @@ class MaskGenerator:
             :class:`GeneratedMask` (disjoint class masks ``(C, Z, Y, X)`` and a record: centre, requested and
             obtained diameter, volume, boundary), or None when no centre gives the requested size.
         """
-        from lefusion_nnunet.data.masks import choose_center, nearest_allowed_voxel
 
         _check_diameter(diameter_mm)
         b = check_boundary(boundary)
@@ -265,14 +234,6 @@ def _check_diameter(diameter_mm: float) -> None:
         raise LeFusionInputError(f"lesion diameter {diameter_mm} mm must be a positive number.")
 
 
-def check_mask_checkpoint_matches(mask_data: DataConfig, lesion_data: DataConfig, mask_path: Path | str) -> None:
-    """Raise when a mask model's lesion labels differ from the lesion model's."""
-    if tuple(mask_data.lesion_labels) != tuple(lesion_data.lesion_labels):
-        raise LeFusionInputError(f"the mask checkpoint {mask_path} was trained for lesion label(s) "
-                                 f"{list(mask_data.lesion_labels)} but the lesion model for "
-                                 f"{list(lesion_data.lesion_labels)}; train-mask with the same --lesion-label values.")
-
-
 def generate_case_mask(generator: MaskGenerator, image_zyx: np.ndarray, spacing_zyx: Sequence[float],
                        properties: dict, label_zyx: np.ndarray | None, diameter_mm: float, boundary: float,
                        seed: int = 0, center_mm: Sequence[float] | None = None, region_label: int | None = None,
@@ -281,9 +242,6 @@ def generate_case_mask(generator: MaskGenerator, image_zyx: np.ndarray, spacing_
     do): the allowed region is ``region_mask`` > ``region_label`` (default: the mask model's) > the body, minus
     existing lesions; the centre is ``center_mm`` (world x, y, z mm) or random. Raises
     :class:`LeFusionInputError` when no mask of that size fits."""
-    from lefusion_nnunet.data.masks import allowed_region
-    from lefusion_nnunet.synthesis import seeded_generator, seeded_rng
-    from lefusion_nnunet.variants import world_to_voxel
 
     region_label = region_label if region_label is not None else generator.data.region_label
     lesions = list(generator.data.lesion_labels)

@@ -71,8 +71,8 @@ def load_checkpoint_content(path: Path | str, expected_kind: str | None = None) 
     """Load and verify a checkpoint's content dict (tensors on CPU)."""
     path = Path(path)
     if not path.is_file():
-        raise LeFusionCheckpointError(f"checkpoint {path} does not exist; train one with `lefusion train` or "
-                                      f"pass --checkpoint.")
+        raise LeFusionCheckpointError(f"checkpoint {path} does not exist; check the path, or train a model with "
+                                      f"`lefusion train` (`lefusion train-mask` for a mask model) first.")
     try:
         outer = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

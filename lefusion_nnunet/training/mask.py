@@ -1,6 +1,6 @@
 """Training of the lesion-mask model (`lefusion train-mask`): mask ROIs on the model grid and the training loop.
 
-The encodings (cumulative channels, sphere channel, condition features) are in :mod:`lefusion_nnunet.mask_shapes`;
+The encodings (cumulative channels, sphere channel, condition features) are in :mod:`lefusion_nnunet.data.mask_shapes`;
 sampling is :class:`lefusion_nnunet.mask_diffusion.MaskGenerator`. The loss is plain eps MSE over all voxels
 (a mask is the whole ROI).
 """
@@ -19,29 +19,30 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from lefusion_nnunet.data.config import DataConfig
-from lefusion_nnunet.data.dataset import RawDataset
+from lefusion_nnunet.checkpoints.format import load_checkpoint_content, save_checkpoint
+from lefusion_nnunet.checkpoints.loaders import DEFAULT_MASK_SAMPLER, checkpoint_data_config
+from lefusion_nnunet.data.config import DataConfig, build_data_config
+from lefusion_nnunet.data.dataset import RawDataset, load_raw_dataset
 from lefusion_nnunet.data.intensity import IntensitySpace
 from lefusion_nnunet.data.io import read_label
+from lefusion_nnunet.data.lesions import median_spacing
+from lefusion_nnunet.data.mask_shapes import (MASK_FEATURES, cumulative_channels, mask_features, reference_mm,
+                                              sphere_channel)
 from lefusion_nnunet.data.masks import equivalent_diameter_mm, mask_volume_mm3
 from lefusion_nnunet.data.roi import (RoiGeometry, extract_roi_mask, mask_fits_roi, roi_center_for_mask,
                                       roi_origin_for_center)
-from lefusion_nnunet.diffusion import DenoiserConfig, NoiseSchedule, SamplerConfig, ScheduleConfig
+from lefusion_nnunet.diffusion import DenoiserConfig, NoiseSchedule, ScheduleConfig
 from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
-from lefusion_nnunet.mask_shapes import MASK_FEATURES, cumulative_channels, mask_features, reference_mm, sphere_channel
-from lefusion_nnunet.training.checkpoint import load_checkpoint_content, save_checkpoint
-from lefusion_nnunet.training.trainer import (FINAL, LATEST, LOG, PLOT, TrainConfig, _plot_loss,
-                                              _remove_stale_temporaries, build_data_config, check_run_folder,
-                                              init_training_state, optimizer_step, read_log_rows, step_generators,
-                                              training_state_content)
+from lefusion_nnunet.paths import default_run_dir
+from lefusion_nnunet.training.lesion import plot_loss, remove_stale_temporaries
+from lefusion_nnunet.training.loop import (FINAL, LATEST, LOG, PLOT, TrainConfig, check_run_folder, init_training_state,
+                                           optimizer_step, read_log_rows, step_generators, training_state_content)
 from lefusion_nnunet.utils import _friendly_os_error, atomic_write_bytes, resolve_device
+from lefusion_nnunet.validation import validate_dataset
 
 __all__ = ["DEFAULT_MASK_SAMPLER", "MaskRoiSet", "collect_mask_rois", "train_mask_model"]
 
 log = logging.getLogger(__name__)
-
-#: Sampler written into mask checkpoints as their default.
-DEFAULT_MASK_SAMPLER = SamplerConfig(name="ddim", num_steps=10)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -129,7 +130,6 @@ def train_mask_model(dataset: RawDataset, lesion_labels: Sequence[int], out_dir:
     (``config.texture_clusters`` is unused). The checkpoint has kind ``"mask"``. ``check``: the result of
     :func:`lefusion_nnunet.validation.validate_dataset` if the caller already ran it (label files only are read).
     """
-    from lefusion_nnunet.validation import validate_dataset
 
     lesion_labels = [int(v) for v in lesion_labels]
     out_dir = Path(out_dir)
@@ -165,7 +165,7 @@ def train_mask_model(dataset: RawDataset, lesion_labels: Sequence[int], out_dir:
     log_file = out_dir / LOG
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(out_dir)
+        remove_stale_temporaries(out_dir)
         keep = [r for r in read_log_rows(log_file) if r["step"] <= step] if state is not None else []
         atomic_write_bytes(log_file, "".join(json.dumps(r) + "\n" for r in keep).encode())
     except OSError as exc:
@@ -221,5 +221,25 @@ def train_mask_model(dataset: RawDataset, lesion_labels: Sequence[int], out_dir:
         raise _friendly_os_error(exc, log_file) from exc
     finally:
         bar.close()
-    _plot_loss(log_file, out_dir / PLOT)
+    plot_loss(log_file, out_dir / PLOT)
     return out_dir / FINAL
+
+
+def train_mask_model_on_dataset(dataset: str | int, lesion_labels: Sequence[int], config: TrainConfig,
+                                out_dir: Path | None = None, lesion_checkpoint: Path | str | None = None,
+                                roi_size_zyx: tuple[int, int, int] | None = None,
+                                spacing_zyx: tuple[float, float, float] | None = None,
+                                region_label: int | None = None, resume: bool = False,
+                                overwrite: bool = False) -> Path:
+    """`lefusion train-mask`: the mask model's grid and region label from ``lesion_checkpoint`` (recommended) or
+    the arguments (ROI default 32 x 64 x 64 voxels at the dataset's median spacing); returns the final checkpoint."""
+    raw = load_raw_dataset(dataset)
+    raw.check_labels(lesion_labels, "--lesion-label")
+    like = checkpoint_data_config(lesion_checkpoint, "lesion") if lesion_checkpoint is not None else None
+    size = roi_size_zyx or (like.roi.size_zyx if like else (32, 64, 64))
+    spacing = (spacing_zyx or (like.roi.spacing_zyx if like else None)
+               or median_spacing([c.images[0] for c in raw.cases]))
+    region = region_label if region_label is not None else (like.region_label if like else None)
+    out = Path(out_dir) if out_dir is not None else default_run_dir(raw.name, config.preset, kind="mask")
+    return train_mask_model(raw, lesion_labels, out, config, RoiGeometry(size, spacing), region_label=region,
+                            resume=resume, overwrite=overwrite)

@@ -37,20 +37,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from lefusion_nnunet.data.config import DataConfig
-from lefusion_nnunet.data.histogram import HIST_BINS, Prototypes, TextureSpec, cluster_prototypes, lesion_histogram, \
-    resolve_texture
+from lefusion_nnunet.checkpoints.loaders import checkpoint_data_config
+from lefusion_nnunet.data.config import DataConfig, build_data_config
+from lefusion_nnunet.data.dataset import load_raw_dataset
+from lefusion_nnunet.data.histogram import HIST_BINS, TextureSpec, cluster_prototypes, lesion_histogram, resolve_texture
 from lefusion_nnunet.data.intensity import IntensitySpace, derive_ct_window
-from lefusion_nnunet.data.masks import lesion_components
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.paths import find_default_checkpoint
+from lefusion_nnunet.synthesis.copy_paste_sources import (CopyPasteSource, SourceLesion, _case_value_range,
+                                                          collect_source_lesions)
 
 METHOD = "copy-paste"
 FORMAT_VERSION = 1
@@ -58,88 +60,6 @@ FORMAT_VERSION = 1
 DEFAULT_BLEND_MM = 1.0
 # Interpolated source-mask weight below which a target voxel counts as "not reached".
 _MIN_WEIGHT = 0.05
-
-
-@dataclass
-class SourceLesion:
-    """One real lesion: native values and class masks in its bounding box.
-
-    Attributes:
-        case_id / component: where it comes from (component number of the case's lesion union).
-        spacing: ``(z, y, x)`` mm of its case.
-        values: float32 ``(z, y, x)`` native intensities of the bounding box (model channel).
-        masks: bool ``(C, z, y, x)`` class masks in the bounding box.
-        value_range: the case's native range mapped to [-1, 1] by the intensity space.
-        histogram: ``(C * 16,)`` class histograms in model space (as LeFusion's condition).
-    """
-
-    case_id: str
-    component: int
-    spacing: tuple[float, float, float]
-    values: np.ndarray
-    masks: np.ndarray
-    value_range: tuple[float, float]
-    histogram: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-
-    @property
-    def union(self) -> np.ndarray:
-        return self.masks.any(0)
-
-
-@dataclass
-class CopyPasteSource:
-    """Stands in for a loaded checkpoint (what ``make_variants`` and ``enlarge`` read of one)."""
-
-    data: DataConfig
-    file_sha256: str
-    prototypes: list[Prototypes]
-    training_histograms: np.ndarray
-    training_summary: dict
-    path: Path | None = None
-    sampler_defaults: dict = field(default_factory=dict)
-
-
-def _case_value_range(intensity: IntensitySpace, image: np.ndarray) -> tuple[float, float]:
-    if intensity.kind == "percentile":
-        from lefusion_nnunet.data.lesions import mr_value_range
-
-        return mr_value_range(intensity, image)
-    return intensity.case_range(image)
-
-
-def collect_source_lesions(dataset, lesion_labels: Sequence[int], channel: int = 0,
-                           case_ids: Sequence[str] | None = None,
-                           intensity: IntensitySpace | None = None) -> list[SourceLesion]:
-    """Every lesion (connected component of the lesion-label union) of the labelled cases of a raw dataset.
-
-    ``case_ids`` limits the cases read (default: all). Each lesion's ``value_range`` is its case's range in
-    ``intensity`` (per-case percentiles for MR, also when ``intensity`` is None on a non-CT channel; for a CT
-    window it is the window, filled in by :meth:`CopyPasteSynthesizer.from_dataset` once the window is known).
-    Histograms are filled in by :meth:`CopyPasteSynthesizer.from_dataset`.
-    """
-    from lefusion_nnunet.data.io import check_same_grid, read_image, read_label
-
-    labels = [int(v) for v in lesion_labels]
-    dataset.check_labels(labels, "lesion label")
-    if intensity is None and dataset.modality(int(channel)) != "CT":
-        intensity = IntensitySpace("percentile")
-    wanted = None if case_ids is None else {str(c) for c in case_ids}
-    out: list[SourceLesion] = []
-    for case in dataset.cases:
-        if case.label is None or (wanted is not None and str(case.case_id) not in wanted):
-            continue
-        label, lprops = read_label(case.label)
-        union = np.isin(label, labels)
-        if not union.any():
-            continue
-        vol = read_image(case.images)
-        check_same_grid(vol.properties, lprops, case.images[0], case.label, vol.shape_zyx, label.shape)
-        image = vol.channel(int(channel))
-        value_range = _case_value_range(intensity, image) if intensity is not None else (0.0, 1.0)
-        for comp, sl, masks in lesion_components(label, labels):
-            out.append(SourceLesion(str(case.case_id), comp, tuple(float(s) for s in vol.spacing),
-                                    np.array(image[sl], np.float32), masks, value_range))
-    return out
 
 
 class CopyPasteSynthesizer:
@@ -203,7 +123,6 @@ class CopyPasteSynthesizer:
         CT window derived from the lesions and their surroundings (as ``lefusion train`` derives it) or
         per-case percentiles for MR. ``case_ids`` limits which cases lesions are copied from.
         """
-        from lefusion_nnunet.training.trainer import build_data_config
 
         if data is not None:
             lesion_labels, region_label, channel = list(data.lesion_labels), data.region_label, int(data.channel)
@@ -397,3 +316,27 @@ class CopyPasteSynthesizer:
 
 __all__ = ["CopyPasteSynthesizer", "CopyPasteSource", "SourceLesion", "collect_source_lesions", "METHOD",
            "DEFAULT_BLEND_MM"]
+
+
+def copy_paste_synthesizer(dataset: str | int, lesion_labels: Sequence[int] | None = None,
+                           checkpoint: Path | str | None = None, region_label: int | None = None,
+                           blend_mm: float | None = None, batch_size: int = 4) -> CopyPasteSynthesizer:
+    """The copy-paste baseline for ``enlarge --method copy-paste``: real lesions of ``dataset``.
+
+    Lesion labels, ROI size cap and intensity space come from the lesion checkpoint when ``lesion_labels`` is not
+    given (``checkpoint``, else the dataset's newest ``lefusion train`` run), so a comparison with LeFusion uses
+    the same size cap; with ``lesion_labels`` no checkpoint is needed.
+    """
+    src = load_raw_dataset(dataset)
+    data = None
+    if lesion_labels is None:
+        if checkpoint is None:
+            try:
+                checkpoint = find_default_checkpoint(src.name)
+            except LeFusionInputError as exc:
+                raise LeFusionInputError("--method copy-paste needs --lesion-label (or a lesion checkpoint of the "
+                                         "dataset to take the labels from).") from exc
+        data = checkpoint_data_config(checkpoint, expected_kind="lesion")
+    return CopyPasteSynthesizer.from_dataset(src, lesion_labels, region_label=region_label, data=data,
+                                             blend_mm=DEFAULT_BLEND_MM if blend_mm is None else blend_mm,
+                                             batch_size=batch_size)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lefusion_nnunet.data.phantom_common import Spacing, gaussian_noise, sigmoid, sphere_perturbation
 from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.phantoms.common import Spacing, gaussian_noise, sigmoid, sphere_perturbation
 
 __all__ = ["RADIUS_JITTER", "place_nodule", "paint_nodule"]
 

@@ -10,60 +10,23 @@ Used by ``lefusion synthesize``, the offline enlarger and the nnU-Net trainer al
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
+from tqdm.auto import tqdm
 
+from lefusion_nnunet.checkpoints.loaders import LoadedCheckpoint, load_lesion_checkpoint
 from lefusion_nnunet.data.config import DataConfig
-from lefusion_nnunet.data.histogram import HIST_BINS, Prototypes, TextureSpec, resolve_texture
+from lefusion_nnunet.data.histogram import HIST_BINS, TextureSpec, resolve_texture
 from lefusion_nnunet.data.lesions import mr_value_range
-from lefusion_nnunet.data.roi import (extract_roi, extract_roi_mask, mask_fits_roi, paste_roi,
-                                      roi_center_for_mask, roi_origin_for_center)
-from lefusion_nnunet.diffusion import (DenoiserConfig, LesionDenoiser, NoiseSchedule, SamplerConfig,
-                                       ScheduleConfig, make_sampler)
-from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
-from lefusion_nnunet.training.checkpoint import load_checkpoint_content
-from lefusion_nnunet.utils import resolve_device, sha256_file
-
-
-@dataclass
-class LoadedCheckpoint:
-    """A lesion model ready to sample, with everything its checkpoint recorded."""
-
-    path: Path
-    file_sha256: str
-    data: DataConfig
-    prototypes: list[Prototypes]
-    training_histograms: np.ndarray
-    training_summary: dict
-    model: LesionDenoiser
-    schedule: NoiseSchedule
-    sampler_defaults: dict = field(default_factory=dict)
-
-
-def load_lesion_checkpoint(path: Path | str, device: str = "cpu") -> LoadedCheckpoint:
-    """Load a lesion checkpoint (EMA weights) onto ``device`` in eval mode."""
-    content = load_checkpoint_content(path, expected_kind="lesion")
-    try:
-        model = LesionDenoiser(DenoiserConfig.from_dict(content["model_config"]))
-        model.load_state_dict(content["ema_state"])  # strict: unexpected or missing weights are rejected
-        data = DataConfig.from_dict(content["data_config"])
-        prototypes = [Prototypes.from_dict(p) for p in content["prototypes"]]
-        histograms = content["training_histograms"].numpy()
-        schedule = NoiseSchedule(ScheduleConfig(**content["schedule_config"]))
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        raise LeFusionCheckpointError(f"checkpoint {path} is incomplete or its weights do not fit its model "
-                                      f"configuration ({type(exc).__name__}); use a checkpoint_final.pt written by "
-                                      f"`lefusion train` or retrain.") from exc
-    model.to(device).eval()
-    return LoadedCheckpoint(
-        path=Path(path), file_sha256=sha256_file(path), data=data, prototypes=prototypes,
-        training_histograms=histograms, training_summary=dict(content.get("training_summary", {})), model=model,
-        schedule=schedule.to(device), sampler_defaults=dict(content.get("sampler_defaults", {})))
+from lefusion_nnunet.data.roi import extract_roi, extract_roi_mask, mask_fits_roi, paste_roi, plan_roi_origin
+from lefusion_nnunet.diffusion import SamplerConfig, make_sampler
+from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.utils import resolve_device
 
 
 @dataclass
@@ -76,6 +39,8 @@ class LesionRequest:
         class_masks: bool ``(C, Z, Y, X)``: where to generate each lesion class (native grid).
         texture: ``(C * 16,)`` histogram condition, or None for a random training-lesion texture.
         value_range: native range mapped to [-1, 1]; None -> from the intensity space (MR: this case's percentiles).
+        roi_origin_zyx: native voxel index (z, y, x) of the model ROI's first voxel, as planned by the caller
+            (:func:`~lefusion_nnunet.data.roi.plan_roi_origin`); None -> planned here, centred on the mask.
     """
 
     image: np.ndarray
@@ -83,6 +48,7 @@ class LesionRequest:
     class_masks: np.ndarray
     texture: np.ndarray | None = None
     value_range: tuple[float, float] | None = None
+    roi_origin_zyx: np.ndarray | None = None
 
 
 def _as_generators(generator, n: int, device: str) -> list[torch.Generator] | torch.Generator | None:
@@ -157,7 +123,8 @@ class LesionSynthesizer:
             raise LeFusionInputError(f"lesion masks of shape {masks.shape} do not match {data.num_classes} class(es) "
                                      f"on an image of shape {req.image.shape} (z, y, x).")
         union = masks.any(0)
-        origin = roi_origin_for_center(roi_center_for_mask(union), req.spacing, data.roi)
+        origin = (np.asarray(req.roi_origin_zyx) if req.roi_origin_zyx is not None
+                  else plan_roi_origin(union, req.spacing, data.roi))
         if not mask_fits_roi(union, req.spacing, origin, data.roi, margin=0.0):
             raise LeFusionInputError(f"the lesion mask does not fit the model ROI ({data.roi.extent_mm.round(1).tolist()} "
                                      f"mm, z, y, x); use a smaller lesion or a model trained with a larger --roi-size.")
@@ -223,8 +190,6 @@ class LesionSynthesizer:
         gens = _as_generators(generator, len(requests), self.device)
         prepared = [self._prepare(r, rng) for r in requests]
         outputs: list[np.ndarray] = []
-        from tqdm.auto import tqdm
-
         starts = range(0, len(requests), self.batch_size)
         for s in tqdm(starts, desc="synthesising", disable=not progress, leave=False):
             chunk = prepared[s:s + self.batch_size]
@@ -235,84 +200,3 @@ class LesionSynthesizer:
         return outputs
 
 
-def seeded_generator(seed: int, *keys: object, device: str = "cpu") -> torch.Generator:
-    """A torch generator seeded from ``seed`` and any keys (e.g. case id, variant index): stable across runs."""
-    import hashlib
-
-    digest = hashlib.sha256(repr((seed,) + tuple(keys)).encode()).digest()
-    g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return g
-
-
-def seeded_rng(seed: int, *keys: object) -> np.random.Generator:
-    """A numpy generator seeded from ``seed`` and keys, matching :func:`seeded_generator`'s derivation."""
-    import hashlib
-
-    digest = hashlib.sha256(repr((seed,) + tuple(keys)).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def read_class_masks(mask: np.ndarray, lesion_labels: Sequence[int], mask_file: Path | str) -> np.ndarray:
-    """A mask file's array -> bool ``(C, Z, Y, X)``: binary (any non-zero) for one class, label values for several."""
-    if len(lesion_labels) == 1:
-        masks = (mask != 0)[None]
-    else:
-        masks = np.stack([mask == v for v in lesion_labels])
-        if not masks.any() and mask.any():
-            raise LeFusionInputError(f"mask {mask_file} holds none of the lesion labels {list(lesion_labels)}; "
-                                     f"for a multi-class model label each class with its value.")
-    if not masks.any():
-        raise LeFusionInputError(f"mask {mask_file} is empty; mark the lesion region with non-zero voxels.")
-    return masks
-
-
-def synthesize_files(synth: LesionSynthesizer, image_files: Sequence[Path | str], mask_file: Path | str,
-                     out_dir: Path | str, label_file: Path | str | None = None,
-                     textures: Sequence[TextureSpec] | None = None, seed: int = 0, overwrite: bool = False) -> dict:
-    """Inpaint a lesion into one case given as files; writes image channel(s) and label into ``out_dir``.
-
-    The outputs keep the input's file names, format, pixel type and geometry; the label is the input label
-    (or zeros) with each lesion class's value set inside its mask. Returns the written paths.
-    """
-    import shutil
-
-    from lefusion_nnunet.data.io import (check_same_grid, file_ending_of, read_image, read_label, write_image_channel,
-                                         write_label)
-    from lefusion_nnunet.utils import atomic_directory
-    from lefusion_nnunet.validation import check_output_absent
-
-    check_output_absent(out_dir, overwrite, "output folder")
-    data = synth.data
-    vol = read_image(image_files)
-    mask, mprops = read_label(mask_file)
-    check_same_grid(vol.properties, mprops, vol.files[0], Path(mask_file), vol.shape_zyx, mask.shape)
-    if label_file is not None:
-        label, lprops = read_label(label_file)
-        check_same_grid(vol.properties, lprops, vol.files[0], Path(label_file), vol.shape_zyx, label.shape)
-    else:
-        label, lprops = np.zeros(vol.shape_zyx, np.int16), dict(vol.properties, source_dtype="uint8")
-    class_masks = read_class_masks(mask, data.lesion_labels, mask_file)
-    rng = seeded_rng(seed, "synthesize")
-    texture = synth.texture_condition(list(textures) if textures else TextureSpec("random"), rng)
-    request = LesionRequest(vol.channel(data.channel), vol.spacing, class_masks, texture)
-    [new_channel] = synth.synthesize([request], generator=[seeded_generator(seed, "synthesize",
-                                                                            device=synth.device)], rng=rng)
-    for c, value in enumerate(data.lesion_labels):
-        label = np.where(class_masks[c], value, label)
-    out_dir = Path(out_dir)
-    first = vol.files[0].name
-    ending = file_ending_of(first)
-    stem = first[: -len(ending)]
-    label_name = Path(label_file).name if label_file else (stem[:-5] if stem[-5:-4] == "_" else stem) + ending
-    written = {}
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        for i, f in enumerate(vol.files):
-            if i == data.channel:
-                write_image_channel(new_channel, tmp / f.name, vol, i)
-            else:
-                shutil.copy2(f, tmp / f.name)
-            written[f"image_{i:04d}"] = str(out_dir / f.name)
-        write_label(label, tmp / label_name, lprops)
-        written["label"] = str(out_dir / label_name)
-    return written

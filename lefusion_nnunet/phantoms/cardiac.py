@@ -24,7 +24,7 @@ textures, alternating over lesion cases: ``"homogeneous"`` and ``"patchy"``), MV
 multiplied by a random receiver gain (``gain_range``) and a smooth bias field, so absolute values differ
 between cases and only percentile scaling makes them comparable. Noise is Rician.
 
-Conventions and determinism as in :mod:`lefusion_nnunet.data.phantom` (arrays ``(Z, Y, X)``, spacings
+Conventions and determinism as in :mod:`lefusion_nnunet.phantoms.chest` (arrays ``(Z, Y, X)``, spacings
 ``(z, y, x)`` mm, one :class:`numpy.random.Generator` per case derived from the seed).
 """
 from __future__ import annotations
@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from lefusion_nnunet.data.phantom_common import (MANIFEST_NAME, PhantomConfigBase, as_int, phantom_dataset_name,
-                                                 smooth_field, write_case_files, write_raw_dataset)
+from lefusion_nnunet.data.raw_writer import dataset_name
 from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.phantoms.common import (MANIFEST_NAME, PhantomConfigBase, as_int, smooth_field, write_case_files,
+                                             write_raw_dataset)
 
 __all__ = ["CARDIAC_LABELS", "CARDIAC_LESION_LABELS", "CARDIAC_HOST_LABEL", "INFARCT_TEXTURES", "CardiacPhantomConfig",
            "CardiacCase", "make_cardiac_case", "generate_cardiac_phantom"]
@@ -292,7 +293,7 @@ def generate_cardiac_phantom(raw_root: Path | str, dataset_id: int = 511, name: 
     """
     if not isinstance(config, CardiacPhantomConfig):
         raise LeFusionInputError(f"config must be a CardiacPhantomConfig, got {type(config).__name__}.")
-    ds_name = phantom_dataset_name(dataset_id, name)
+    ds_name = dataset_name(dataset_id, name)
 
     def fill(partial: Path) -> None:
         from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json

@@ -1,4 +1,4 @@
-"""Lesion-mask encodings and post-processing for the mask model (:mod:`lefusion_nnunet.mask_diffusion`).
+"""Lesion-mask encodings and post-processing for the mask model (:mod:`lefusion_nnunet.synthesis.masks`).
 
 Pure NumPy: arrays are ``(C, Z, Y, X)`` or ``(Z, Y, X)``, spacings ``(z, y, x)`` in mm, centres voxel
 coordinates ``(z, y, x)``.
@@ -29,8 +29,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from lefusion_nnunet.data.masks import (_smooth_noise, equivalent_diameter_mm, keep_largest_component,
-                                        mask_volume_mm3, sphericity)
+from lefusion_nnunet.data.masks import (_smooth_noise, equivalent_diameter_mm, keep_largest_component, mask_volume_mm3,
+                                        sphericity)
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.errors import LeFusionInputError
 

@@ -15,119 +15,31 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lefusion_nnunet.data.config import DataConfig
-from lefusion_nnunet.data.dataset import RawDataset
+from lefusion_nnunet.checkpoints.format import load_checkpoint_content, save_checkpoint
+from lefusion_nnunet.data.config import DataConfig, build_data_config
+from lefusion_nnunet.data.dataset import RawDataset, load_raw_dataset
 from lefusion_nnunet.data.histogram import HIST_BINS, cluster_prototypes
 from lefusion_nnunet.data.intensity import IntensitySpace
 from lefusion_nnunet.data.lesions import LesionRoiSet, collect_lesion_rois
 from lefusion_nnunet.data.roi import RoiGeometry
-from lefusion_nnunet.diffusion import (DenoiserConfig, LesionDenoiser, NoiseSchedule, ScheduleConfig,
-                                       masked_epsilon_loss)
-from lefusion_nnunet.distributed import DistributedContext, init_distributed
+from lefusion_nnunet.diffusion import DenoiserConfig, NoiseSchedule, ScheduleConfig, masked_epsilon_loss
+from lefusion_nnunet.distributed import init_distributed
 from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
-from lefusion_nnunet.training.checkpoint import load_checkpoint_content, save_checkpoint
+from lefusion_nnunet.paths import default_run_dir
+from lefusion_nnunet.training.loop import (FINAL, LATEST, LOG, PLOT, TrainConfig, budget_exhausted, check_run_folder,
+                                           init_training_state, optimizer_step, plot_loss, read_log_rows,
+                                           remove_stale_temporaries, step_generators, training_state_content)
 from lefusion_nnunet.utils import _friendly_os_error, atomic_write_bytes, resolve_device
+from lefusion_nnunet.validation import (check_channel, check_labels_declared, median_spacing_zyx,
+                                        note_roi_larger_than_images, validate_dataset)
 
 log = logging.getLogger(__name__)
-LATEST, FINAL, LOG, PLOT = "checkpoint_latest.pt", "checkpoint_final.pt", "training_log.jsonl", "loss.png"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings of `lefusion train` (saved in the checkpoint)."""
-
-    preset: str = "small"
-    steps: int = 2000
-    batch_size: int = 4
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    cond_dropout: float = 0.1
-    checkpoint_every: int = 250
-    log_every: int = 10
-    num_train_timesteps: int = 300
-    texture_clusters: int = 3
-    seed: int = 0
-    device: str = "auto"
-    max_minutes: float | None = None   # wall-clock budget: stop early (and save) once exceeded
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "texture_clusters"):
-            if getattr(self, name) < 1:
-                raise LeFusionInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**d)
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA warm-up: short runs are not dominated by the random initialisation."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-def init_training_state(model_config: DenoiserConfig, config: TrainConfig, state: dict | None, source: Path,
-                        device: str) -> tuple[LesionDenoiser, LesionDenoiser, torch.optim.Optimizer, int]:
-    """The denoiser (seeded initial weights), its EMA copy and AdamW, restored from ``state`` (the content of
-    checkpoint ``source``) when resuming; returns ``(model, ema, optimizer, step)`` with both models on
-    ``device`` in channels-last-3d (faster Conv3d, notably the backward, on CPU and CUDA)."""
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the global RNG
-        torch.manual_seed(config.seed)
-        model = LesionDenoiser(model_config)
-    ema = LesionDenoiser(model_config)
-    ema.load_state_dict(model.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    step = 0
-    if state is not None:
-        try:
-            model.load_state_dict(state["model_state"])
-            ema.load_state_dict(state["ema_state"])
-            optimizer.load_state_dict(state["optimizer_state"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise LeFusionCheckpointError(f"the weights in {source} do not fit the {config.preset!r} model it "
-                                          f"records; pass --overwrite to start over.") from exc
-        step = int(state["step"])
-    model.to(device, memory_format=torch.channels_last_3d).train()
-    ema.to(device, memory_format=torch.channels_last_3d).eval().requires_grad_(False)
-    return model, ema, optimizer, step
-
-
-def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, ema: torch.nn.Module,
-                   optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> None:
-    """Backward, gradient clipping, AdamW step and the EMA update (with warm-up) of one training step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-    optimizer.step()
-    with torch.no_grad():
-        d = ema_decay_at(step, config.ema_decay)
-        for p_ema, p in zip(ema.parameters(), model.parameters()):
-            p_ema.lerp_(p, 1 - d)
-        for b_ema, b in zip(ema.buffers(), model.buffers()):
-            b_ema.copy_(b)
-
-
-def training_state_content(kind: str, model: torch.nn.Module, ema: torch.nn.Module,
-                           optimizer: torch.optim.Optimizer, step: int, model_config: DenoiserConfig,
-                           schedule_config: ScheduleConfig, config: TrainConfig, data_config: DataConfig) -> dict:
-    """The checkpoint entries every diffusion training run writes (what :func:`init_training_state` restores, plus
-    the configs); callers add their kind-specific entries. Tensors are detached CPU copies."""
-    return {"kind": kind, "model_config": model_config.to_dict(), "schedule_config": asdict(schedule_config),
-            "train_config": config.to_dict(), "data_config": data_config.to_dict(),
-            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "ema_state": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
-            "optimizer_state": optimizer.state_dict(), "step": step, "package_version": _version()}
 
 
 class _Augment:
@@ -145,95 +57,6 @@ def _prototypes(rois: LesionRoiSet, k: int, seed: int) -> list[dict]:
         present = rois.class_masks[:, c].reshape(len(rois), -1).any(1)
         out.append(cluster_prototypes(rois.histograms[present, c * HIST_BINS:(c + 1) * HIST_BINS], k, seed).to_dict())
     return out
-
-
-def read_log_rows(log_file: Path) -> list[dict]:
-    """The rows of ``training_log.jsonl``; a line cut short by a crash (or otherwise unreadable) is skipped."""
-    rows = []
-    try:
-        text = log_file.read_text(errors="replace")
-    except FileNotFoundError:
-        return rows
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("loss"), (int, float)):
-            rows.append(row)
-    return rows
-
-
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Temporary files a killed run left behind (``.checkpoint_latest.pt.tmp-<pid>``, ``.loss.png.tmp.png``)."""
-    if not out_dir.is_dir():
-        return
-    for pattern in (f".{LATEST}.tmp-*", f".{FINAL}.tmp-*", f".{LOG}.tmp-*", f".{PLOT}.tmp*"):
-        for p in out_dir.glob(pattern):
-            p.unlink(missing_ok=True)
-
-
-def _plot_loss(log_file: Path, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_log_rows(log_file)
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
-    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
-    if len(losses) >= 5:
-        k = max(2, len(losses) // 20)
-        ax.plot(steps[k - 1:], np.convolve(losses, np.ones(k) / k, "valid"), lw=1.5, label=f"mean of {k}")
-    ax.set(xlabel="step", ylabel="masked epsilon MSE", yscale="log", title="LeFusion lesion model")
-    ax.legend()
-    fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    try:
-        fig.savefig(tmp)
-        tmp.replace(out_png)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _friendly_os_error(exc, out_png) from exc
-    finally:
-        plt.close(fig)
-
-
-def step_generators(seed: int, rank: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
-    """Randomness of one training step, derived from (seed, rank, step) only: resuming (also under DDP)
-    replays exactly the batches, timesteps and noise an uninterrupted run would have drawn."""
-    rng = np.random.default_rng([seed, rank, step])
-    gen = torch.Generator()
-    gen.manual_seed(int(rng.integers(0, 2**62)))
-    return rng, gen
-
-
-def build_data_config(dataset: RawDataset, lesion_labels: list[int], region_label: int | None, channel: int,
-                      roi: RoiGeometry, intensity: IntensitySpace) -> DataConfig:
-    names = {v: k for k, v in dataset.labels.items()}
-    if region_label is not None:
-        dataset.check_labels([region_label], "region label")
-    return DataConfig(dataset_name=dataset.name, lesion_labels=tuple(lesion_labels),
-                      label_names=tuple(names[v] for v in lesion_labels), region_label=region_label,
-                      channel=channel, modality=dataset.modality(channel), roi=roi, intensity=intensity,
-                      file_ending=dataset.file_ending)
-
-
-def check_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """A run folder is only reused with ``--resume`` (continue) or ``--overwrite`` (start over)."""
-    out_dir = Path(out_dir)
-    latest = out_dir / LATEST
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LeFusionInputError(f"run folder {out_dir} is a file; pass -o with a folder path.")
-    if not resume and not overwrite and (latest.exists() or (out_dir / FINAL).exists()):
-        raise LeFusionInputError(f"{out_dir} already holds a training run; pass --resume to continue it, "
-                                 f"--overwrite to start over, or -o for another folder.")
-    if resume and not latest.exists() and (out_dir / FINAL).exists():
-        raise LeFusionInputError(f"--resume was given but {latest} does not exist (only {FINAL}, so that run "
-                                 f"finished); pass --overwrite to start over or -o for another folder.")
 
 
 def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: Path, config: TrainConfig,
@@ -254,7 +77,6 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
         check: the result of :func:`lefusion_nnunet.validation.validate_dataset` when the caller already
             validated the dataset (else it is validated here, before anything is written).
     """
-    from lefusion_nnunet.validation import validate_dataset
 
     out_dir = Path(out_dir)
     latest = out_dir / LATEST
@@ -301,7 +123,7 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if dist_ctx.is_main:
-            _remove_stale_temporaries(out_dir)
+            remove_stale_temporaries(out_dir)
             # a fresh log, or the log up to the checkpoint we resume from (rows after it are replayed)
             keep = [r for r in read_log_rows(log_file) if r["step"] <= step] if state is not None else []
             atomic_write_bytes(log_file, "".join(json.dumps(r) + "\n" for r in keep).encode())
@@ -338,7 +160,7 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
     except OSError as exc:
         raise _friendly_os_error(exc, log_file) from exc
     try:
-        while step < config.steps and not _stop(deadline, dist_ctx):
+        while step < config.steps and not budget_exhausted(deadline, dist_ctx):
             rng, gen = step_generators(config.seed, dist_ctx.rank, step)
             idx = rng.integers(0, len(images), size=config.batch_size)
             x0_np, m_np = augment([images[idx].numpy(), masks[idx].numpy()], rng)
@@ -357,7 +179,7 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            last = step == config.steps or _stop(deadline, dist_ctx)
+            last = step == config.steps or budget_exhausted(deadline, dist_ctx)
             if logf is not None and (step % config.log_every == 0 or last):
                 now = time.perf_counter()
                 logf.write(json.dumps({"step": step, "loss": round(loss.item(), 6),
@@ -389,24 +211,38 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
             except OSError:
                 pass
     if dist_ctx.is_main:
-        _plot_loss(log_file, out_dir / PLOT)
+        plot_loss(log_file, out_dir / PLOT)
     dist_ctx.shutdown()
     return out_dir / FINAL
 
 
-def _stop(deadline: float, ctx: DistributedContext) -> bool:
-    """Whether the time budget is spent; under DDP rank 0 decides for all so every rank stops at one step."""
-    over = time.perf_counter() >= deadline
-    if ctx.world_size == 1 or deadline == float("inf"):
-        return over
-    import torch.distributed as dist
-
-    flag = torch.tensor([int(over)])
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
 
 
-def _version() -> str:
-    from lefusion_nnunet import __version__
+def train_lesion_model_on_dataset(dataset: str | int, lesion_labels: list[int], config: TrainConfig,
+                                  out_dir: Path | None = None, roi_size_zyx: tuple[int, int, int] = (32, 64, 64),
+                                  spacing_zyx: tuple[float, float, float] | None = None,
+                                  window: tuple[float, float] | None = None, region_label: int | None = None,
+                                  channel: int = 0, resume: bool = False, overwrite: bool = False) -> Path:
+    """`lefusion train`: validate the dataset and the run folder, choose the model grid, train; returns the final
+    checkpoint.
 
-    return __version__
+    Args:
+        dataset: dataset id or name under ``$nnUNet_raw``.
+        out_dir: run folder (default ``$nnUNet_results/<Dataset>/LeFusion_<preset>/``).
+        roi_size_zyx: model ROI in voxels (z, y, x).
+        spacing_zyx: model spacing in mm (z, y, x); default the dataset's median spacing.
+        window: CT window ``(lo, hi)`` in HU mapped to [-1, 1]; default chosen from the training lesions.
+    """
+    if window is not None and not window[0] < window[1]:
+        raise LeFusionInputError(f"--window {window[0]:g} {window[1]:g} must be LO HI with LO < HI (HU).")
+    raw = load_raw_dataset(dataset)
+    check_labels_declared(raw, lesion_labels, region_label)  # cheap checks first
+    check_channel(raw, channel)
+    out = Path(out_dir) if out_dir is not None else default_run_dir(raw.name, config.preset)
+    check_run_folder(out, resume, overwrite)
+    check = validate_dataset(raw, lesion_labels, region_label, channel, need_lesions=True)
+    roi = RoiGeometry(size_zyx=tuple(roi_size_zyx), spacing_zyx=spacing_zyx or median_spacing_zyx(check))
+    note_roi_larger_than_images(check, roi)
+    intensity = IntensitySpace("window", window=tuple(window)) if window else None
+    return train_lesion_model(raw, lesion_labels, out, config, roi, region_label=region_label, intensity=intensity,
+                              channel=channel, resume=resume, overwrite=overwrite, check=check)
