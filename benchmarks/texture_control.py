@@ -6,37 +6,41 @@ asking for each prototype in turn (`--texture cluster:K`). A sample counts as a 
 of its generated voxels (model space) is nearer (L1, `histogram_distance`) to the requested prototype than to
 every other one (`score`). The same score with the earth mover's distance over the ordered intensity bins
 (`histogram_emd`: how far intensity mass must move, so a solid core counts and a half-bin shift of a peak hardly
-does) is reported alongside (`score_emd`). Both samplers are scored: the fast default (DDIM) and the paper-faithful RePaint
-(T=300, j=r=2).
+does) is reported alongside (`score_emd`). Several samplers can be scored side by side from the one trained model
+(`--samplers ddim:25,dpmpp2m:10`, NAME[:STEPS][:SPACING][:eta=X]); every sampler gets the same requests, masks,
+textures and seeds, so their hit rates are paired: the difference to the first sampler is reported with the
+standard error of a paired difference (discordant pairs, as in McNemar's test) besides each rate's binomial
+standard error. The paper-faithful RePaint (T=300, j=r=2) is scored too unless --skip-repaint.
 
     python benchmarks/texture_control.py --minutes 25 --out benchmarks/results/texture_control.json
+    python benchmarks/texture_control.py --minutes 8 --samplers ddim:25,dpmpp2m:10 --skip-repaint
 
 Prints one JSON object (also written to --out). Target: score >= 0.8 for the default sampler, and the
-default within 5 points of RePaint.
+default within 5 points of RePaint; a few-step sampler replaces DDIM-25 only within 3 points of it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-from _common import emit
-
 import numpy as np
 import torch
+from _common import emit
 
+from lefusion_nnunet.checkpoints.loaders import load_lesion_checkpoint
 from lefusion_nnunet.data.dataset import load_raw_dataset
 from lefusion_nnunet.data.histogram import histogram_distance, histogram_emd, lesion_histogram
-from lefusion_nnunet.phantoms.chest import PhantomConfig, generate_chest_phantom
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.diffusion import SamplerConfig, make_sampler
+from lefusion_nnunet.phantoms.chest import PhantomConfig, generate_chest_phantom
 from lefusion_nnunet.synthesis.lesion import LesionSynthesizer
-from lefusion_nnunet.checkpoints.loaders import load_lesion_checkpoint
-from lefusion_nnunet.training.loop import TrainConfig
 from lefusion_nnunet.training.lesion import train_lesion_model
+from lefusion_nnunet.training.loop import TrainConfig
 from lefusion_nnunet.variant_settings import VariantSettings
 from lefusion_nnunet.variants import make_variants
 
@@ -51,7 +55,7 @@ def score_sampler(ckpt, dataset, free_cases: list[str], sampler: SamplerConfig, 
     for k in range(len(protos.centers)):
         settings = VariantSettings(per_case=per_case, mask_source="ellipsoid", size_mm=(10.0, 16.0), region_label=1,
                                    textures=(f"cluster:{k}",), boundary=0.2, guidance_scale=guidance, seed=seed + k)
-        k_hits, k_hits_emd, k_total, dists, nearest, hists = 0, 0, 0, [], [], []
+        k_hits, k_hits_emd, k_total, dists, nearest, nearest_emd, hists = 0, 0, 0, [], [], [], []
         for cases, _warnings in make_variants(synth, dataset, free_cases, settings):
             for case in cases:
                 if k_total >= per_proto:
@@ -66,11 +70,12 @@ def score_sampler(ckpt, dataset, free_cases: list[str], sampler: SamplerConfig, 
                 k_total += 1
                 dists.append(d[k])
                 nearest.append(int(np.argmin(d)))
+                nearest_emd.append(int(np.argmin(d_emd)))
                 hists.append([round(float(v), 4) for v in hist])
         n_lesions += k_total
         hits, hits_emd, total = hits + k_hits, hits_emd + k_hits_emd, total + k_total
         per_k[f"cluster:{k}"] = {"score": k_hits / max(k_total, 1), "score_emd": k_hits_emd / max(k_total, 1),
-                                 "n": k_total, "nearest_prototype": nearest,
+                                 "n": k_total, "nearest_prototype": nearest, "nearest_prototype_emd": nearest_emd,
                                  "mean_l1_to_requested": float(np.mean(dists)) if dists else None,
                                  "histograms": hists}
     seconds = time.perf_counter() - t0
@@ -81,6 +86,55 @@ def score_sampler(ckpt, dataset, free_cases: list[str], sampler: SamplerConfig, 
                 ckpt.schedule.num_train_timesteps) * (2 if guidance != 1.0 else 1)}
 
 
+def parse_sampler(item: str) -> SamplerConfig:
+    """``NAME[:STEPS][:SPACING][:eta=X]``, e.g. ``dpmpp2m:10:quadratic:eta=1`` -> SamplerConfig (missing parts:
+    the sampler's defaults)."""
+    name, *rest = item.strip().split(":")
+    kwargs: dict = {"name": name}
+    for token in rest:
+        if token.isdigit():
+            kwargs["num_steps"] = int(token)
+        elif token.startswith("eta="):
+            kwargs["eta"] = float(token[4:])
+        else:
+            kwargs["timestep_spacing"] = token
+    return SamplerConfig(**kwargs)
+
+
+def parse_samplers(text: str) -> list[SamplerConfig]:
+    """``"ddim:25,dpmpp2m:10"`` -> SamplerConfigs, one per comma-separated :func:`parse_sampler` item."""
+    configs = [parse_sampler(item) for item in text.split(",") if item.strip()]
+    if not configs:
+        raise argparse.ArgumentTypeError("--samplers names no sampler")
+    return configs
+
+
+def sampler_label(cfg: SamplerConfig) -> str:
+    """Result key of a sampler: ``ddim_default`` for the package default, else e.g. ``dpmpp2m_10_quadratic``
+    (``_eta1`` appended for a stochastic one)."""
+    if cfg == SamplerConfig():
+        return "ddim_default"
+    return f"{cfg.name}_{cfg.num_steps}_{cfg.timestep_spacing}" + (f"_eta{cfg.eta:g}" if cfg.eta else "")
+
+
+def hit_vector(scored: dict, field: str = "nearest_prototype") -> list[int]:
+    """Per-lesion hits (1 = nearest prototype is the requested one), in request order."""
+    return [int(n == int(k.split(":")[1])) for k, v in scored["per_prototype"].items() for n in v[field]]
+
+
+def paired_difference(a: dict, b: dict, field: str = "nearest_prototype") -> dict:
+    """Hit rate of ``a`` minus ``b`` in points over the same requests, with the paired standard error
+    sqrt(discordant - (b_only - a_only)^2 / n) / n (the normal approximation behind McNemar's test)."""
+    ha, hb = hit_vector(a, field), hit_vector(b, field)
+    n = min(len(ha), len(hb))
+    a_only = sum(1 for x, y in zip(ha, hb) if x and not y)
+    b_only = sum(1 for x, y in zip(ha, hb) if y and not x)
+    diff = (a_only - b_only) / max(n, 1)
+    se = math.sqrt(max(a_only + b_only - (a_only - b_only) ** 2 / max(n, 1), 0.0)) / max(n, 1)
+    return {"points": 100 * diff, "paired_standard_error_points": 100 * se, "n_pairs": n,
+            "hit_only_in_this": a_only, "hit_only_in_reference": b_only}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=25.0, help="training wall-clock budget (default 25)")
@@ -88,13 +142,19 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--samples-per-prototype", type=int, default=12)
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0],
-                    help="guidance scales scored with the default sampler (default: 1 2)")
+                    help="guidance scales scored with each of --samplers (default: 1 2)")
+    ap.add_argument("--samplers", type=parse_samplers, default=[SamplerConfig()],
+                    help="comma-separated NAME[:STEPS][:SPACING][:eta=X] scored side by side, the first is the "
+                         "reference "
+                         "(default: ddim:25, the package default)")
     ap.add_argument("--repaint-samples-per-prototype", type=int, default=7,
                     help="RePaint costs 599 evaluations per lesion: fewer samples (default 7: one batch of the 7 "
                          "lesion-free cases)")
     ap.add_argument("--skip-repaint", action="store_true")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temp folder)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="reuse a trained checkpoint (skips training)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the training run in --work/run for another --minutes (several short runs)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -115,7 +175,7 @@ def main() -> None:
                           seed=args.seed, device="cpu", checkpoint_every=200)
         t0 = time.perf_counter()
         ckpt_path = train_lesion_model(dataset, [2], work / "run", cfg, RoiGeometry((16, 32, 32), spacing),
-                                       region_label=1, progress=False)
+                                       region_label=1, progress=False, resume=args.resume)
         rows = [json.loads(x) for x in (work / "run" / "training_log.jsonl").read_text().splitlines()]
         result["training"] = {"preset": "small", "roi_xyz": [32, 32, 16], "batch_size": args.batch_size,
                               "steps": rows[-1]["step"], "minutes": (time.perf_counter() - t0) / 60,
@@ -132,18 +192,30 @@ def main() -> None:
                             ckpt.training_summary.get("num_lesions"),
                             "centers": [[round(float(v), 4) for v in c] for c in ckpt.prototypes[0].centers]}
     result["distance"] = "L1 over the 16 bins (score); earth mover's distance over the ordered bins alongside (score_emd)"
+    reference = sampler_label(args.samplers[0])
     for g in args.guidance:
-        result[f"ddim_default_guidance_{g:g}"] = score_sampler(ckpt, dataset, free, SamplerConfig(),
-                                                               args.samples_per_prototype, g, 12, args.seed + 100)
-        emit(result, args.out)  # partial results survive an interrupted run
+        for cfg in args.samplers:
+            key = f"{sampler_label(cfg)}_guidance_{g:g}"
+            scored = score_sampler(ckpt, dataset, free, cfg, args.samples_per_prototype, g, 12, args.seed + 100)
+            n = max(scored["n"], 1)
+            scored["standard_error_points"] = 100 * math.sqrt(scored["score"] * (1 - scored["score"]) / n)
+            result[key] = scored
+            if cfg is not args.samplers[0]:
+                ref = result[f"{reference}_guidance_{g:g}"]
+                scored[f"minus_{reference}"] = paired_difference(scored, ref)
+                scored[f"minus_{reference}_emd"] = paired_difference(scored, ref, "nearest_prototype_emd")
+                scored[f"seconds_per_lesion_ratio_to_{reference}"] = (scored["seconds_per_lesion"]
+                                                                       / ref["seconds_per_lesion"])
+            emit(result, args.out)  # partial results survive an interrupted run
     if not args.skip_repaint:  # paper-faithful sampler, compared at guidance 1 (no doubled evaluations)
         result["repaint_j2_r2_guidance_1"] = score_sampler(
             ckpt, dataset, free, SamplerConfig(name="repaint", jump_length=2, jump_n_sample=2),
             args.repaint_samples_per_prototype, 1.0, 12, args.seed + 100)
-        if 1.0 in args.guidance:
+        if 1.0 in args.guidance and f"{reference}_guidance_1" in result:
             result["default_minus_repaint_points_at_guidance_1"] = 100 * (
-                result["ddim_default_guidance_1"]["score"] - result["repaint_j2_r2_guidance_1"]["score"])
-    result["targets"] = {"score_default_at_least": 0.8, "default_vs_repaint_within_points": 5}
+                result[f"{reference}_guidance_1"]["score"] - result["repaint_j2_r2_guidance_1"]["score"])
+    result["targets"] = {"score_default_at_least": 0.8, "default_vs_repaint_within_points": 5,
+                         "few_step_sampler_vs_ddim_25_within_points": 3}
     emit(result, args.out)
 
 

@@ -1,6 +1,7 @@
 """Seeds for everything random: generators derived from a seed and keys (case id, variant index, ...).
 
-Library code never seeds global RNGs; it takes generators made here from the command's ``--seed``.
+Library code never seeds or advances global RNGs; it takes generators made here from the command's ``--seed``
+(a call that gets none uses seed 0 with its own keys, never an unseeded source).
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ def _seed_from(seed: int, keys: tuple) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def seeded_generator(seed: int, *keys: object, device: str = "cpu") -> torch.Generator:
-    """A torch generator seeded from ``seed`` and any keys (e.g. case id, variant index): stable across runs."""
-    g = torch.Generator(device=device)
+def seeded_generator(seed: int, *keys: object) -> torch.Generator:
+    """A CPU torch generator seeded from ``seed`` and any keys (e.g. case id, variant index): stable across runs.
+
+    The samplers draw noise on the generator's device and move it, so one seed gives the same lesion whether the
+    network runs on the CPU or a GPU."""
+    g = torch.Generator(device="cpu")
     g.manual_seed(_seed_from(seed, keys) & ((1 << 63) - 1))
     return g
 

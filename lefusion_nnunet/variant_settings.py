@@ -11,6 +11,8 @@ from lefusion_nnunet.data.histogram import parse_texture
 from lefusion_nnunet.errors import LeFusionInputError
 
 MASK_SOURCES = ("real", "ellipsoid", "diffusion")
+#: Host regions found from the image itself (``--auto-region``) for datasets without a host-organ label.
+AUTO_REGIONS = ("lung",)
 
 
 SAMPLER_FIELDS = ("name", "num_steps", "eta", "jump_length", "jump_n_sample", "resample_steps", "timestep_spacing")
@@ -19,7 +21,7 @@ SAMPLER_FIELDS = ("name", "num_steps", "eta", "jump_length", "jump_n_sample", "r
 #: The SamplerConfig fields each sampler uses (what provenance records; other fields have no effect).
 SAMPLER_RECORD_FIELDS = {"ddim": ("name", "num_steps", "eta", "resample_steps", "timestep_spacing"),
                          "repaint": ("name", "jump_length", "jump_n_sample"),
-                         "dpmpp2m": ("name", "num_steps", "timestep_spacing")}
+                         "dpmpp2m": ("name", "num_steps", "eta", "timestep_spacing")}
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class VariantSettings(JsonConfig):
         boundary: 0 = smooth ... 1 = irregular: the ellipsoid surface perturbation; for diffusion masks the
             post-processing (size-dependent smoothing vs. surface perturbation) and the irregularity condition.
         mask_checkpoint: mask model for ``"diffusion"``; None -> the dataset's newest ``train-mask`` run.
+        auto_region: ``"lung"``: lesions go inside the lungs found from the CT itself
+            (:func:`lefusion_nnunet.data.lung_region.lung_region`), for datasets without a lung label; excludes
+            ``region_label`` and ``region_masks_dir``.
         center_mm: lesion centre in world coordinates ``(x, y, z)`` mm (as ITK/SimpleITK report positions);
             the lesion goes as near to it as the allowed region permits. None -> a random valid place.
         sampler: SamplerConfig fields overriding the checkpoint's defaults (e.g. ``{"num_steps": 10}``).
@@ -56,6 +61,7 @@ class VariantSettings(JsonConfig):
     seed: int = 0
     mask_checkpoint: str | None = None
     center_mm: tuple[float, float, float] | None = None
+    auto_region: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.per_case, int) or self.per_case < 1:
@@ -79,6 +85,12 @@ class VariantSettings(JsonConfig):
             raise LeFusionInputError(f"--guidance {self.guidance_scale} must be >= 0.")
         if self.mask_checkpoint is not None:
             object.__setattr__(self, "mask_checkpoint", str(self.mask_checkpoint))
+        if self.auto_region is not None:
+            if self.auto_region not in AUTO_REGIONS:
+                raise LeFusionInputError(f"--auto-region {self.auto_region!r} is not one of {', '.join(AUTO_REGIONS)}.")
+            if self.region_label is not None or self.region_masks_dir is not None:
+                raise LeFusionInputError("--auto-region replaces --region-label and --region-masks; give only one "
+                                         "of them.")
         if self.center_mm is not None:
             try:
                 center = tuple(float(v) for v in self.center_mm)

@@ -27,8 +27,9 @@ from lefusion_nnunet.data.dataset import RawDataset
 from lefusion_nnunet.data.histogram import parse_textures
 from lefusion_nnunet.data.io import (ImageVolume, check_same_grid, read_image, read_label, read_mask, voxel_to_world,
                                      world_to_voxel)
+from lefusion_nnunet.data.lung_region import lung_region
 from lefusion_nnunet.data.mask_library import MaskLibrary
-from lefusion_nnunet.data.masks import ellipsoid_mask, mask_equivalent_diameter, mask_volume_mm3
+from lefusion_nnunet.data.masks import ellipsoid_mask, mask_equivalent_diameter, mask_volume_mm3, nested_class_masks
 from lefusion_nnunet.data.placement import allowed_region, paste_mask, place_mask
 from lefusion_nnunet.data.roi import mask_fits_roi, plan_roi_origin
 from lefusion_nnunet.errors import LeFusionInputError
@@ -90,6 +91,16 @@ class VariantWarning(str):
         return obj
 
 
+def class_frequencies(training_summary: dict | None, num_classes: int) -> list[float]:
+    """How often each lesion class occurs in the training lesions (outer class: 1), from a checkpoint's training
+    summary; 1 for every class when the summary does not say."""
+    summary = training_summary or {}
+    per_class, total = summary.get("lesions_per_class"), summary.get("num_lesions")
+    if not per_class or not total or len(per_class) != num_classes:
+        return [1.0] * num_classes
+    return [1.0] + [min(1.0, float(n) / float(total)) for n in per_class[1:]]
+
+
 def synthetic_case_id(source_case: str, k: int) -> str:
     return f"{source_case}{SYNTHETIC_INFIX}{k:03d}"
 
@@ -141,6 +152,8 @@ class _VariantMaker:
                                else dict(settings.sampler))
         self.guidance = float(getattr(synth, "guidance_scale", settings.guidance_scale))
         self.checkpoint_sha = getattr(synth.checkpoint, "file_sha256", None)
+        self.class_frequencies = class_frequencies(getattr(synth.checkpoint, "training_summary", None),
+                                                   len(self.lesion_labels))
         self.device = getattr(synth, "device", "cpu")
         self._mask_generator = None
 
@@ -179,6 +192,13 @@ class _VariantMaker:
             region = read_mask(mfile, like_shape=vol.shape_zyx)
             allowed = allowed_region(label, region_mask=region, lesion_labels=self.lesion_labels)
             what = f"mask {mfile.name}"
+        elif self.settings.auto_region == "lung":
+            what = "automatic lung region"
+            try:
+                lungs = lung_region(image, vol.spacing)
+            except LeFusionInputError as exc:  # this case is skipped with the reason, the others go on
+                lungs, what = np.zeros(vol.shape_zyx, bool), f"automatic lung region ({exc})"
+            allowed = allowed_region(label, region_mask=lungs, lesion_labels=self.lesion_labels)
         elif self.region_label is not None:
             allowed = allowed_region(label, region_label=int(self.region_label), lesion_labels=self.lesion_labels)
             what = f"label {int(self.region_label)}"
@@ -202,10 +222,10 @@ class _VariantMaker:
         if self.settings.mask_source == "real":
             return self.library.sample_with_info(rng, diameter, spacing)
         shape = ellipsoid_mask(diameter, spacing, self.settings.boundary, rng)
-        cls = int(rng.integers(c)) if c > 1 else 0
-        masks = np.zeros((c, *shape.shape), bool)
-        masks[cls] = shape
-        return masks, {"class": self.lesion_labels[cls]}
+        if c == 1:
+            return shape[None], {"class": self.lesion_labels[0]}
+        masks, depths = nested_class_masks(shape, spacing, self.class_frequencies, rng)
+        return masks, {"classes": [v for v, m in zip(self.lesion_labels, masks) if m.any()], "core_depths": depths}
 
     def _center_voxel(self, ctx: _CaseContext, k: int) -> np.ndarray | None | VariantWarning:
         """``settings.center_mm`` as a (z, y, x) voxel position of this case (None: random placement)."""
@@ -321,7 +341,7 @@ class _VariantMaker:
                                   spacing=contexts[p.case_id].volume.spacing, class_masks=p.masks, texture=p.texture,
                                   roi_origin_zyx=p.roi_origin)
                     for p in plans]
-        generators = [seeded_generator(self.settings.seed, p.case_id, p.k, device=self.device) for p in plans]
+        generators = [seeded_generator(self.settings.seed, p.case_id, p.k) for p in plans]
         outputs = self.synth.synthesize(requests, generator=generators,
                                         rng=seeded_rng(self.settings.seed, "chunk", *case_ids), progress=progress)
         cases = []

@@ -107,6 +107,15 @@ def test_configs_round_trip_through_one_mechanism(config):
         type(config).from_dict({**d, "no_such_field": 1})
 
 
+def test_cli_choices_match_the_library():
+    from lefusion_nnunet.cli.common import AUTO_REGION_CHOICES, MASK_SOURCE_CHOICES, SAMPLER_CHOICES
+    from lefusion_nnunet.diffusion.sampler_config import SAMPLER_NAMES
+    from lefusion_nnunet.variant_settings import AUTO_REGIONS, MASK_SOURCES
+
+    assert set(SAMPLER_CHOICES) == set(SAMPLER_NAMES) and set(MASK_SOURCE_CHOICES) == set(MASK_SOURCES)
+    assert set(AUTO_REGION_CHOICES) == set(AUTO_REGIONS)
+
+
 def test_provenance_records_only_the_fields_a_sampler_uses():
     assert set(sampler_record(SamplerConfig(name="repaint"))) == {"name", "jump_length", "jump_n_sample"}
     ddim = sampler_record(SamplerConfig(name="ddim"))

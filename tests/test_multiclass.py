@@ -187,8 +187,9 @@ def test_per_class_texture_changes_only_that_class(cardiac, checkpoint):
     synth = LesionSynthesizer(ckpt, device="cpu", sampler=FAST)
     a = synth.texture_condition(specs, np.random.default_rng(0))
     b = synth.texture_condition(parse_textures(["3=cluster:1", "4=cluster:1"], LABELS), np.random.default_rng(0))
-    np.testing.assert_array_equal(a[:HIST_BINS], ckpt.prototypes[0].centers[0])
-    np.testing.assert_array_equal(a[HIST_BINS:], ckpt.prototypes[1].centers[1])
+    # each class's condition is its chosen prototype, jittered (±10 % per bin) like LeFusion's
+    assert np.abs(a[:HIST_BINS] - ckpt.prototypes[0].centers[0]).sum() < 0.25
+    assert np.abs(a[HIST_BINS:] - ckpt.prototypes[1].centers[1]).sum() < 0.25
     assert (a[:HIST_BINS] != b[:HIST_BINS]).any() and (a[HIST_BINS:] == b[HIST_BINS:]).all()
     with pytest.raises(LeFusionInputError, match="LABEL=SPEC"):
         parse_textures(["5=cluster:0"], LABELS)

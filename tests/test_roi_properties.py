@@ -13,6 +13,8 @@ Examples are derandomized (fixed seed), so a failure reproduces on every run.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -262,10 +264,18 @@ def test_file_round_trip_with_random_direction_keeps_geometry_background_and_wor
     mask = make_mask(kind, shape, rng)
     roi = RoiGeometry((14, 16, 16), model_spacing)
     roi_origin = roi_origin_for_center(roi_center_for_mask(mask), vol.spacing, roi)
-    try:
-        pasted = paste_roi(channel, vol.spacing, roi_origin, roi, rng.normal(0, 300, roi.size_zyx), mask)
-    except LeFusionInputError:
-        pasted = channel.copy()
+    if not mask_fits_roi(mask, vol.spacing, roi_origin, roi, margin=0.0):
+        with pytest.raises(LeFusionInputError):  # a mask reaching past the ROI is refused, never half-pasted
+            paste_roi(channel, vol.spacing, roi_origin, roi, np.zeros(roi.size_zyx, np.float32), mask)
+        idx = np.argwhere(mask)  # keep the part of the mask the ROI covers, and paste that
+        coords = (idx - roi_origin) / (np.asarray(roi.spacing_zyx) / np.asarray(vol.spacing))
+        inside = ((coords >= 0) & (coords <= np.asarray(roi.size_zyx) - 1)).all(1)
+        mask = np.zeros_like(mask)
+        mask[tuple(idx[inside].T)] = True
+    values = rng.normal(0, 300, roi.size_zyx)
+    pasted = paste_roi(channel, vol.spacing, roi_origin, roi, values, mask)
+    if mask.any():
+        assert not np.array_equal(pasted[mask], channel[mask]), "the paste changed no lesion voxel"
     out = tmp_path / f"out_{seed}_0000{ending}"
     write_image_channel(pasted, out, vol, 0)
 
@@ -288,4 +298,4 @@ def test_file_round_trip_with_random_direction_keeps_geometry_background_and_wor
 
 
 def test_hypothesis_is_installed_for_these_properties():
-    pytest.importorskip("hypothesis")
+    assert importlib.util.find_spec("hypothesis") is not None, "install the test extras: pip install -e .[test]"

@@ -4,10 +4,8 @@ import json
 import pytest
 import torch
 
-from lefusion_nnunet.diffusion import (
-    DDIMInpaintSampler, NoiseSchedule, RePaintSampler, SamplerConfig, ScheduleConfig, make_sampler,
-    repaint_jump_schedule,
-)
+from lefusion_nnunet.diffusion import (DDIMInpaintSampler, DPMSolverInpaintSampler, NoiseSchedule, RePaintSampler,
+                                       SamplerConfig, ScheduleConfig, make_sampler, repaint_jump_schedule)
 
 S = (16, 16, 16)
 
@@ -30,6 +28,7 @@ def _recording(fn):
 SAMPLERS = {
     "repaint": SamplerConfig(name="repaint", jump_length=2, jump_n_sample=2),
     "ddim": SamplerConfig(name="ddim", num_steps=5, eta=0.5, resample_steps=1),
+    "dpmpp2m": SamplerConfig(name="dpmpp2m", num_steps=5),
 }
 
 
@@ -66,7 +65,8 @@ def test_config_round_trip_validation_and_factory():
     assert SamplerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert isinstance(make_sampler(cfg), RePaintSampler)
     assert isinstance(make_sampler(SamplerConfig()), DDIMInpaintSampler)
-    with pytest.raises(ValueError, match="ddim, repaint"):
+    assert isinstance(make_sampler(SamplerConfig(name="dpmpp2m")), DPMSolverInpaintSampler)
+    with pytest.raises(ValueError, match="ddim, repaint, dpmpp2m"):
         SamplerConfig(name="euler")
     with pytest.raises(ValueError):
         SamplerConfig(num_steps=0)

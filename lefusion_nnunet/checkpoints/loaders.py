@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from lefusion_nnunet.checkpoints.format import load_checkpoint_content
+from lefusion_nnunet.checkpoints.release import build_release_model
 from lefusion_nnunet.data.config import DataConfig
 from lefusion_nnunet.data.histogram import Prototypes
 from lefusion_nnunet.diffusion import DenoiserConfig, LesionDenoiser, NoiseSchedule, SamplerConfig, ScheduleConfig
@@ -27,10 +30,18 @@ def checkpoint_data_config(path: Path | str, expected_kind: str | None = None) -
     return DataConfig.from_dict(load_checkpoint_content(path, expected_kind=expected_kind)["data_config"])
 
 
-def _ema_model(content: dict, path: Path | str) -> LesionDenoiser:
-    """The checkpoint's denoiser with its EMA weights (strict: missing or unexpected weights are rejected)."""
+def _ema_model(content: dict, path: Path | str) -> nn.Module:
+    """The checkpoint's denoiser with its EMA weights (strict: missing or unexpected weights are rejected).
+
+    Our own models are :class:`LesionDenoiser`; a model imported from the LeFusion release (its ``model_config``
+    names the architecture, see :mod:`lefusion_nnunet.checkpoints.release`) comes as the release network behind
+    the same call signature ``(x_t, t, context, class_masks, cond, drop_cond)``.
+    """
     try:
-        model = LesionDenoiser(DenoiserConfig.from_dict(content["model_config"]))
+        with torch.random.fork_rng(devices=[]):  # building a model must not advance the caller's torch RNG
+            model = build_release_model(content["model_config"])
+            if model is None:
+                model = LesionDenoiser(DenoiserConfig.from_dict(content["model_config"]))
         model.load_state_dict(content["ema_state"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise LeFusionCheckpointError(f"checkpoint {path} is incomplete or its weights do not fit its model "
@@ -49,7 +60,7 @@ class LoadedCheckpoint:
     prototypes: list[Prototypes]
     training_histograms: np.ndarray
     training_summary: dict
-    model: LesionDenoiser
+    model: nn.Module                     # LesionDenoiser, or an imported release model's adapter
     schedule: NoiseSchedule
     sampler_defaults: dict = field(default_factory=dict)
 
@@ -81,7 +92,7 @@ class LoadedMaskCheckpoint:
     path: Path
     file_sha256: str
     data: DataConfig
-    model: LesionDenoiser
+    model: nn.Module                     # LesionDenoiser, or the imported DiffMask adapter
     schedule: NoiseSchedule
     features: np.ndarray                 # (N, C * 4) training lesion features
     training_summary: dict

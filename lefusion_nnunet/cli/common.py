@@ -32,10 +32,11 @@ def add_training_run_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampler(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=["ddim", "repaint"], default=None,
-                   help="ddim: fast inpainting sampler (default); repaint: paper-faithful RePaint with jumps")
+    g.add_argument("--sampler", choices=list(SAMPLER_CHOICES), default=None,
+                   help="ddim: fast inpainting sampler (default); repaint: paper-faithful RePaint with jumps; "
+                        "dpmpp2m: DPM-Solver++ 2M, few steps (see README for how it compares)")
     g.add_argument("--steps", dest="sampler_steps", type=int, default=None,
-                   help="denoising steps of the ddim sampler (default: 25)")
+                   help="denoising steps = network evaluations of ddim / dpmpp2m (default: 25 / 10)")
     g.add_argument("--jump-length", type=int, default=None, help="RePaint jump length j (default: 2)")
     g.add_argument("--jump-n-sample", type=int, default=None, help="RePaint resampling count r (default: 2)")
     g.add_argument("--guidance", type=float, default=1.0,
@@ -70,6 +71,10 @@ def xyz_to_zyx(values, what: str, kind=float) -> tuple:
 
 
 MASK_SOURCE_CHOICES = ("ellipsoid", "real", "diffusion")
+#: diffusion.sampler_config.SAMPLER_NAMES, spelled out: importing it would import torch before --threads applies
+#: (tests/test_cli_consistency.py keeps the two equal).
+SAMPLER_CHOICES = ("ddim", "repaint", "dpmpp2m")
+AUTO_REGION_CHOICES = ("lung",)
 
 
 def add_mask_control_flags(p: argparse.ArgumentParser, with_source: bool = True,
@@ -110,6 +115,9 @@ def add_variant_args(p: argparse.ArgumentParser, per_case_help: str) -> None:
     region.add_argument("--region-label", type=int, default=None,
                         help="label lesions must lie in (default: the checkpoint's region label, else the body)")
     region.add_argument("--region-masks", type=Path, default=None, help="folder with one region mask per case")
+    region.add_argument("--auto-region", choices=AUTO_REGION_CHOICES, default=None,
+                        help="lung: place lesions inside the lungs found in the CT itself (threshold + morphology; "
+                             "for datasets without a lung label; vessels and airways inside the lung included)")
 
 
 def variant_settings_from_args(args: argparse.Namespace):
@@ -119,4 +127,5 @@ def variant_settings_from_args(args: argparse.Namespace):
     return VariantSettings(per_case=args.per_case, region_label=args.region_label,
                            region_masks_dir=str(args.region_masks) if args.region_masks else None,
                            textures=tuple(args.texture or ("random",)), sampler=sampler_overrides(args),
+                           auto_region=args.auto_region,
                            guidance_scale=args.guidance, seed=args.seed, **mask_settings_from_args(args))

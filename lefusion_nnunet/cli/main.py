@@ -9,10 +9,12 @@ import logging
 import sys
 
 from lefusion_nnunet import __version__
-from lefusion_nnunet.cli import data_commands, demo, mask_commands, nnunet_commands, synthesize, train
+from lefusion_nnunet.cli import (data_commands, demo, import_checkpoint, mask_commands, nnunet_commands, synthesize,
+                                 train)
 from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.threads import configure_threads
 
-COMMAND_MODULES = (data_commands, train, mask_commands, synthesize, nnunet_commands, demo)
+COMMAND_MODULES = (data_commands, train, mask_commands, synthesize, nnunet_commands, import_checkpoint, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "dataset, synthesise lesions into lesion-free scans, enlarge datasets, and train nnU-Net "
                     "with synthetic lesions (-tr LeFusionTrainer).")
     parser.add_argument("--version", action="version", version=f"lefusion-nnunet {__version__}")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="intra-op CPU threads (default: OMP_NUM_THREADS if set, else all available CPUs); "
+                             "OpenMP threads sleep instead of spinning while they wait, so a busy machine "
+                             "does not slow a run down many times over")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -33,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        configure_threads(args.threads)   # before any command imports torch: OpenMP reads its settings then
         result = args.func(args)
     except LeFusionInputError as exc:
         print(f"lefusion: error: {exc}", file=sys.stderr)

@@ -21,8 +21,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", type=Path, default=None, help="run folder (default under $nnUNet_results)")
     p.add_argument("--preset", choices=["tiny", "small", "base"], default="small",
                    help="model size: tiny (tests), small (CPU default), base (GPU)")
-    p.add_argument("--roi-size", type=int, nargs=3, default=[64, 64, 32], metavar=("X", "Y", "Z"),
-                   help="model ROI in voxels (default: 64 64 32)")
+    p.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="model ROI in voxels (default: planned in mm from the training lesions so that each fits "
+                        "with margin, at the median spacing, never with thinner slices than the scans; printed)")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="model spacing in mm (default: median spacing of the dataset)")
     p.add_argument("--window", type=float, nargs=2, default=None, metavar=("LO", "HI"),

@@ -28,6 +28,27 @@ def lesion_histogram(model_values: np.ndarray, bins: int = HIST_BINS) -> np.ndar
     return (counts / counts.sum()).astype(np.float32)
 
 
+def is_empty_class_histogram(hist: np.ndarray) -> bool:
+    """Whether ``hist`` is the placeholder :func:`lesion_histogram` gives a class with no voxels in an ROI."""
+    hist = np.asarray(hist, np.float64)
+    return bool(np.allclose(hist, 1.0 / hist.size, rtol=0, atol=1e-7))
+
+
+def class_histograms(histograms: np.ndarray, c: int, bins: int = HIST_BINS) -> np.ndarray:
+    """Class ``c``'s histograms ``(M, bins)`` out of ``(N, C * bins)`` condition rows, only from the ROIs where the
+    class has voxels (the placeholder of an absent class is no texture of it); all rows when none has."""
+    rows = np.asarray(histograms)[:, c * bins:(c + 1) * bins]
+    present = np.array([not is_empty_class_histogram(h) for h in rows], bool)
+    return rows[present] if present.any() else rows
+
+
+def jitter_histogram(hist: np.ndarray, rng: np.random.Generator, amount: float = 0.1) -> np.ndarray:
+    """``hist`` with each bin scaled by a uniform factor in ``[1 - amount, 1 + amount]``, renormalised (float32):
+    lesions made from one prototype or training histogram differ in texture (LeFusion's ±10 % jitter)."""
+    jittered = np.asarray(hist, np.float64) * rng.uniform(1.0 - amount, 1.0 + amount, size=np.shape(hist))
+    return (jittered / jittered.sum()).astype(np.float32)
+
+
 def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
     """L1 distance between two normalised histograms (0 = identical, 2 = disjoint)."""
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).sum())
@@ -136,11 +157,9 @@ def resolve_texture(spec: TextureSpec, prototypes: Prototypes, training_histogra
             raise LeFusionInputError(f"texture cluster:{spec.cluster} does not exist; the checkpoint has "
                                      f"{len(prototypes.centers)} prototypes (cluster:0 .. "
                                      f"cluster:{len(prototypes.centers) - 1}).")
-        return prototypes.centers[spec.cluster].astype(np.float32)
+        return jitter_histogram(prototypes.centers[spec.cluster], rng)
     if spec.kind == "random":
-        base = training_histograms[rng.integers(len(training_histograms))]
-        jittered = np.asarray(base, np.float64) * rng.uniform(0.9, 1.1, size=bins)
-        return (jittered / jittered.sum()).astype(np.float32)
+        return jitter_histogram(training_histograms[rng.integers(len(training_histograms))], rng)
     path = Path(spec.path or "")
     try:
         values = np.asarray(json.loads(path.read_text()), np.float64).ravel()

@@ -49,6 +49,13 @@ class IntensitySpace(JsonConfig):
             hi = lo + 1.0
         return float(lo), float(hi)
 
+    def value_range_for(self, image_zyx: np.ndarray) -> tuple[float, float]:
+        """The native ``(lo, hi)`` of one case as training and inference both use it: the window (CT), or this
+        case's percentiles over its foreground (voxels above the image minimum) for a percentile space."""
+        if self.kind == "window":
+            return self.case_range(image_zyx)
+        return self.case_range(image_zyx, image_zyx > image_zyx.min())
+
     @staticmethod
     def to_model(values: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
         """Native -> model space [-1, 1] (float32, clipped)."""

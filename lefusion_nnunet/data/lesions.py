@@ -18,6 +18,7 @@ from lefusion_nnunet.data.dataset import RawDataset
 from lefusion_nnunet.data.histogram import HIST_BINS, lesion_histogram
 from lefusion_nnunet.data.intensity import IntensitySpace, derive_ct_window
 from lefusion_nnunet.data.io import check_same_grid, read_image, read_label
+from lefusion_nnunet.data.masks import LESION_CONNECTIVITY
 from lefusion_nnunet.data.roi import (RoiGeometry, extract_roi, extract_roi_mask, mask_fits_roi, roi_center_for_mask,
                                       roi_origin_for_center)
 from lefusion_nnunet.errors import LeFusionInputError
@@ -40,11 +41,6 @@ def median_spacing(files) -> tuple[float, float, float]:
     """Median (z, y, x) spacing over files: the default model spacing."""
     spacings = np.array([header_spacing_zyx(f) for f in files])
     return tuple(float(s) for s in np.median(spacings, 0))  # type: ignore[return-value]
-
-
-def mr_value_range(space: IntensitySpace, image_zyx: np.ndarray) -> tuple[float, float]:
-    """Per-case range for percentile scaling, over voxels above the image minimum (the foreground)."""
-    return space.case_range(image_zyx, image_zyx > image_zyx.min())
 
 
 @dataclass
@@ -85,6 +81,8 @@ def collect_lesion_rois(dataset: RawDataset, lesion_labels: list[int], geometry:
     dataset.check_labels(lesion_labels, "lesion label")
     native_rois, masks, case_ids, ranges, skipped = [], [], [], [], []
     modality = dataset.modality(channel)
+    percentile_space = intensity if intensity is not None and intensity.kind == "percentile" else \
+        IntensitySpace("percentile")
     cases = [c for c in dataset.cases if c.label is not None]
     for case in tqdm(cases, desc="reading lesions", disable=not progress, leave=False):
         label, lprops = read_label(case.label)
@@ -93,8 +91,9 @@ def collect_lesion_rois(dataset: RawDataset, lesion_labels: list[int], geometry:
         vol = read_image(case.images)
         check_same_grid(vol.properties, lprops, case.images[0], case.label, vol.shape_zyx, label.shape)
         image = vol.channel(channel)
-        value_range = (mr_value_range(IntensitySpace("percentile"), image) if modality != "CT" else None)
-        components, n = ndimage.label(np.isin(label, lesion_labels))
+        # the whole case's range, as inference computes it (used when the space is a percentile space)
+        value_range = percentile_space.value_range_for(image)
+        components, n = ndimage.label(np.isin(label, lesion_labels), structure=LESION_CONNECTIVITY)
         for comp in range(1, n + 1):
             region = components == comp
             origin = roi_origin_for_center(roi_center_for_mask(region), vol.spacing, geometry)
@@ -119,7 +118,7 @@ def collect_lesion_rois(dataset: RawDataset, lesion_labels: list[int], geometry:
             intensity = IntensitySpace("window", window=derive_ct_window(stack[union], stack[~union]))
         else:
             intensity = IntensitySpace("percentile")
-    images = np.stack([intensity.to_model(roi, r if r is not None else intensity.case_range(roi))
+    images = np.stack([intensity.to_model(roi, r if intensity.kind == "percentile" else intensity.case_range(roi))
                        for roi, r in zip(native_rois, ranges)])
     hists = np.stack([np.concatenate([lesion_histogram(img[m], HIST_BINS) for m in ms])
                       for img, ms in zip(images, masks_arr)])
@@ -127,3 +126,21 @@ def collect_lesion_rois(dataset: RawDataset, lesion_labels: list[int], geometry:
         log.warning("skipped %s", reason)
     return LesionRoiSet(images=images, class_masks=masks_arr, histograms=hists, case_ids=case_ids,
                         intensity=intensity, skipped=skipped)
+
+
+def lesion_extents_mm(dataset: RawDataset, lesion_labels: list[int]) -> np.ndarray:
+    """Bounding-box extents ``(N, 3)`` (z, y, x, mm) of every lesion (26-connected component of the lesion
+    labels) of the dataset's labelled cases: what the default model ROI is planned from."""
+    extents = []
+    for case in dataset.cases:
+        if case.label is None:
+            continue
+        label, props = read_label(case.label)
+        lesion = np.isin(label, lesion_labels)
+        if not lesion.any():
+            continue
+        spacing = np.asarray(props["spacing"], np.float64)
+        components, _ = ndimage.label(lesion, structure=LESION_CONNECTIVITY)
+        for box in ndimage.find_objects(components):
+            extents.append([(s.stop - s.start) * sp for s, sp in zip(box, spacing)])
+    return np.asarray(extents, np.float64).reshape(-1, 3)

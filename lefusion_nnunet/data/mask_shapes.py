@@ -29,8 +29,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from lefusion_nnunet.data.masks import (_smooth_noise, equivalent_diameter_mm, keep_largest_component, mask_volume_mm3,
-                                        sphericity)
+from lefusion_nnunet.data.masks import (LESION_CONNECTIVITY, _smooth_noise, equivalent_diameter_mm,
+                                        keep_largest_component, mask_volume_mm3, sphericity)
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.errors import LeFusionInputError
 
@@ -213,7 +213,7 @@ def select_volume(level: np.ndarray, allowed: np.ndarray, want: int, seed: Seque
 
 def component_on_ball(mask: np.ndarray, ball: np.ndarray) -> np.ndarray:
     """The 26-connected component of ``mask`` overlapping ``ball`` most (empty when none overlaps)."""
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    labels, n = ndimage.label(mask, structure=LESION_CONNECTIVITY)
     if n == 0:
         return np.zeros_like(mask)
     overlap = np.bincount(labels[ball], minlength=n + 1)

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 Spacing = tuple[float, float, float]
 
 #: Longest / shortest semi-axis of a random ellipsoid is at most this.
+#: One lesion = one 26-connected component (faces, edges and corners touch), everywhere in the package.
+LESION_CONNECTIVITY = np.ones((3, 3, 3), bool)
 MAX_AXIS_RATIO = 1.6
 #: Relative radius perturbation (std of the noise field) at ``boundary=1``.
 BOUNDARY_AMPLITUDE = 0.3
@@ -163,7 +165,7 @@ def ellipsoid_mask(diameter_mm: float, spacing_zyx: Spacing, boundary: float = 0
         if not touches or target > flat.size:
             break
         grow *= 1.5
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    labels, n = ndimage.label(mask, structure=LESION_CONNECTIVITY)
     if n > 1:
         sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
         mask = labels == (int(np.argmax(sizes)) + 1)
@@ -209,7 +211,7 @@ def lesion_components(label_zyx: np.ndarray, lesion_labels: Sequence[int]
     together.
     """
     union = np.isin(label_zyx, lesion_labels)
-    components, _ = ndimage.label(union, structure=np.ones((3, 3, 3)))
+    components, _ = ndimage.label(union, structure=LESION_CONNECTIVITY)
     for comp, sl in enumerate(ndimage.find_objects(components), start=1):
         if sl is None:
             continue
@@ -220,7 +222,7 @@ def lesion_components(label_zyx: np.ndarray, lesion_labels: Sequence[int]
 def keep_largest_component(mask_zyx: np.ndarray) -> np.ndarray:
     """The largest 26-connected component of a bool mask (the mask itself if it has at most one)."""
     mask = np.asarray(mask_zyx, bool)
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    labels, n = ndimage.label(mask, structure=LESION_CONNECTIVITY)
     if n <= 1:
         return mask.copy()
     sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
@@ -255,3 +257,34 @@ def sphericity(mask_zyx: np.ndarray, spacing_zyx: Spacing) -> float:
     v = mask_volume_mm3(mask_zyx, spacing_zyx)
     a = surface_area_mm2(mask_zyx, spacing_zyx)
     return float(math.pi ** (1 / 3) * (6 * v) ** (2 / 3) / a) if a > 0 else 0.0
+
+
+def nested_class_masks(shape_zyx: np.ndarray, spacing_zyx: Spacing, frequencies: Sequence[float],
+                       rng: np.random.Generator, depth_range: tuple[float, float] = (0.35, 0.65)
+                       ) -> tuple[np.ndarray, list[float | None]]:
+    """Split one lesion shape into nested classes, outer class first (a ground-glass rim around a solid core; an
+    infarct around its microvascular obstruction).
+
+    Class ``i >= 1`` is a core: the voxels deeper (mm to the lesion surface) than a fraction of the shape's largest
+    depth, each core inside the previous one; it is present with probability ``frequencies[i]`` (how often the
+    training lesions hold that class). Returns disjoint bool masks ``(C, Z, Y, X)``, each voxel in the innermost
+    class it lies in, and the depth fraction of each inner class (None: absent).
+    """
+    depth = ndimage.distance_transform_edt(shape_zyx, sampling=_check_spacing(spacing_zyx))
+    top = float(depth.max())
+    masks = np.zeros((len(frequencies), *shape_zyx.shape), bool)
+    masks[0] = shape_zyx
+    fractions: list[float | None] = []
+    level = 0.0
+    for i in range(1, len(frequencies)):
+        present, fraction = rng.random() < float(frequencies[i]), rng.uniform(*depth_range)
+        if not present:
+            fractions.append(None)
+            continue
+        level += (1.0 - level) * fraction
+        core = depth >= level * top
+        masks[i] = core if core.any() else depth == top
+        fractions.append(round(level, 4))
+    for i in range(len(frequencies) - 1):
+        masks[i] &= ~masks[i + 1:].any(0)
+    return masks, fractions

@@ -95,9 +95,29 @@ def extract_roi(image_zyx: np.ndarray, native_spacing: Vec3, origin_zyx, geometr
                                                        geometry), order)
 
 
+def inside_image_roi(image_shape_zyx, native_spacing: Vec3, origin_zyx, geometry: RoiGeometry) -> np.ndarray:
+    """Which model voxels lie inside the native image (their centres within half a voxel of it): bool
+    ``geometry.size_zyx``. The others are padding (edge-replicated in :func:`extract_roi`)."""
+    coords = _axis_coords(np.asarray(origin_zyx, np.float64), native_spacing, geometry)
+    inside = [(c >= -0.5) & (c <= n - 0.5) for c, n in zip(coords, image_shape_zyx)]
+    return inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+
+
 def extract_roi_mask(mask_zyx: np.ndarray, native_spacing: Vec3, origin_zyx, geometry: RoiGeometry) -> np.ndarray:
-    """Resample a native boolean mask onto the model grid (linear, >= 0.5), bool ``geometry.size_zyx``."""
-    return extract_roi(mask_zyx.astype(np.float32), native_spacing, origin_zyx, geometry, order=1) >= 0.5
+    """Resample a native boolean mask onto the model grid (linear, >= 0.5), bool ``geometry.size_zyx``.
+
+    Padding outside the image is never mask (a lesion touching the scan border does not continue into it). A
+    non-empty mask that no model voxel covers by half (a lesion smaller than a model voxel) keeps the model voxel
+    nearest to its centre, so every lesion inside the ROI has something to generate.
+    """
+    weight = extract_roi(mask_zyx.astype(np.float32), native_spacing, origin_zyx, geometry, order=1)
+    out = (weight >= 0.5) & inside_image_roi(mask_zyx.shape, native_spacing, origin_zyx, geometry)
+    if not out.any() and mask_zyx.any():
+        centre = (np.argwhere(mask_zyx).mean(0) - np.asarray(origin_zyx)) / _scale(native_spacing, geometry)
+        voxel = np.round(centre).astype(int)
+        if (voxel >= 0).all() and (voxel < np.asarray(geometry.size_zyx)).all():
+            out[tuple(voxel)] = True
+    return out
 
 
 def mask_fits_roi(mask_zyx: np.ndarray, native_spacing: Vec3, origin_zyx, geometry: RoiGeometry,
@@ -129,3 +149,37 @@ def paste_roi(image_zyx: np.ndarray, native_spacing: Vec3, origin_zyx, geometry:
     values = ndimage.map_coordinates(np.asarray(roi_native_values, np.float32), coords.T, order=1, mode="nearest")
     out[tuple(idx.T)] = values.astype(out.dtype)
     return out
+
+
+#: Default ROI planning: every training lesion fits with this factor of its extent around it.
+ROI_LESION_MARGIN = 1.5
+#: Largest default ROI in voxels (z, y, x): the CPU-friendly size the presets are tuned for.
+ROI_MAX_SIZE_ZYX = (32, 64, 64)
+
+
+def choose_roi_geometry(lesion_extents_mm: np.ndarray, median_spacing_zyx: Vec3, multiple: int = 8,
+                        margin: float = ROI_LESION_MARGIN,
+                        max_size_zyx: tuple[int, int, int] = ROI_MAX_SIZE_ZYX) -> RoiGeometry:
+    """The default model grid, planned in millimetres from the training lesions.
+
+    The ROI's physical extent is ``margin`` x the largest lesion extent per axis (square in-plane), so every
+    lesion fits with context around it. The spacing is the dataset's median spacing, coarsened only where the
+    extent would need more than ``max_size_zyx`` voxels; slices are never made thinner than the scans' (a 5 mm
+    CT keeps 5 mm model slices). Sizes are multiples of ``multiple`` (the denoiser's spatial divisor).
+
+    Args:
+        lesion_extents_mm: ``(N, 3)`` bounding-box extents (z, y, x) of the training lesions in mm.
+        median_spacing_zyx: the dataset's median voxel spacing (z, y, x) in mm.
+    """
+    extents = np.asarray(lesion_extents_mm, np.float64).reshape(-1, 3)
+    if len(extents) == 0:
+        raise LeFusionInputError("no training lesion to plan the model ROI from; check --lesion-label.")
+    target = extents.max(0) * margin
+    target[1:] = target[1:].max()  # square in-plane
+    spacing = np.asarray(median_spacing_zyx, np.float64).copy()
+    spacing[1:] = spacing[1:].min()
+    cap = np.asarray(max_size_zyx, np.float64)
+    spacing = np.maximum(spacing, target / (cap - 1))
+    size = np.maximum(multiple, np.ceil(target / spacing / multiple) * multiple).astype(int)
+    size = np.minimum(size, (cap // multiple * multiple).astype(int))
+    return RoiGeometry(tuple(int(v) for v in size), tuple(round(float(v), 4) for v in spacing))

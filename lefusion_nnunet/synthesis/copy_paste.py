@@ -46,13 +46,13 @@ from scipy import ndimage
 from lefusion_nnunet.checkpoints.loaders import checkpoint_data_config
 from lefusion_nnunet.data.config import DataConfig, build_data_config
 from lefusion_nnunet.data.dataset import load_raw_dataset
-from lefusion_nnunet.data.histogram import HIST_BINS, TextureSpec, cluster_prototypes, lesion_histogram, resolve_texture
+from lefusion_nnunet.data.histogram import (HIST_BINS, TextureSpec, class_histograms, cluster_prototypes,
+                                            lesion_histogram, resolve_texture)
 from lefusion_nnunet.data.intensity import IntensitySpace, derive_ct_window
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.errors import LeFusionInputError
 from lefusion_nnunet.paths import find_default_checkpoint
-from lefusion_nnunet.synthesis.copy_paste_sources import (CopyPasteSource, SourceLesion, _case_value_range,
-                                                          collect_source_lesions)
+from lefusion_nnunet.synthesis.copy_paste_sources import CopyPasteSource, SourceLesion, collect_source_lesions
 
 METHOD = "copy-paste"
 FORMAT_VERSION = 1
@@ -100,7 +100,7 @@ class CopyPasteSynthesizer:
             raise LeFusionInputError("source lesion histograms are missing; build the synthesizer with "
                                      "CopyPasteSynthesizer.from_dataset.")
         self._hists = hists
-        prototypes = [cluster_prototypes(hists[:, i * HIST_BINS:(i + 1) * HIST_BINS], texture_clusters, seed)
+        prototypes = [cluster_prototypes(class_histograms(hists, i), texture_clusters, seed)
                       for i in range(c)]
         self.checkpoint = CopyPasteSource(
             data=data, file_sha256=self._fingerprint(data), prototypes=prototypes, training_histograms=hists,
@@ -180,7 +180,7 @@ class CopyPasteSynthesizer:
         if len(specs) != c:
             raise LeFusionInputError(f"{len(specs)} texture choices given for {c} lesion classes.")
         return np.concatenate([
-            resolve_texture(s, self.checkpoint.prototypes[i], self._hists[:, i * HIST_BINS:(i + 1) * HIST_BINS], rng)
+            resolve_texture(s, self.checkpoint.prototypes[i], class_histograms(self._hists, i), rng)
             for i, s in enumerate(specs)]).astype(np.float32)
 
     def choose_lesion(self, texture: np.ndarray, classes: Sequence[bool] | None = None) -> int:
@@ -291,7 +291,7 @@ class CopyPasteSynthesizer:
         space = self.data.intensity
         if space.kind != "percentile":
             return values.astype(np.float32)
-        target_range = req.value_range or _case_value_range(space, image)
+        target_range = req.value_range or space.value_range_for(image)
         lo_s, hi_s = les.value_range
         lo_t, hi_t = target_range
         # affine, unclipped version of to_model / to_native (keeps the lesion's full range)

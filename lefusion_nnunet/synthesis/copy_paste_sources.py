@@ -15,7 +15,6 @@ from lefusion_nnunet.data.config import DataConfig
 from lefusion_nnunet.data.histogram import Prototypes
 from lefusion_nnunet.data.intensity import IntensitySpace
 from lefusion_nnunet.data.io import check_same_grid, read_image, read_label
-from lefusion_nnunet.data.lesions import mr_value_range
 from lefusion_nnunet.data.masks import lesion_components
 
 
@@ -58,13 +57,6 @@ class CopyPasteSource:
     sampler_defaults: dict = field(default_factory=dict)
 
 
-def _case_value_range(intensity: IntensitySpace, image: np.ndarray) -> tuple[float, float]:
-    if intensity.kind == "percentile":
-
-        return mr_value_range(intensity, image)
-    return intensity.case_range(image)
-
-
 def collect_source_lesions(dataset, lesion_labels: Sequence[int], channel: int = 0,
                            case_ids: Sequence[str] | None = None,
                            intensity: IntensitySpace | None = None) -> list[SourceLesion]:
@@ -92,7 +84,7 @@ def collect_source_lesions(dataset, lesion_labels: Sequence[int], channel: int =
         vol = read_image(case.images)
         check_same_grid(vol.properties, lprops, case.images[0], case.label, vol.shape_zyx, label.shape)
         image = vol.channel(int(channel))
-        value_range = _case_value_range(intensity, image) if intensity is not None else (0.0, 1.0)
+        value_range = intensity.value_range_for(image) if intensity is not None else (0.0, 1.0)
         for comp, sl, masks in lesion_components(label, labels):
             out.append(SourceLesion(str(case.case_id), comp, tuple(float(s) for s in vol.spacing),
                                     np.array(image[sl], np.float32), masks, value_range))

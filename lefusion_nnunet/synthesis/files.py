@@ -57,8 +57,7 @@ def synthesize_files(synth: LesionSynthesizer, image_files: Sequence[Path | str]
     rng = seeded_rng(seed, "synthesize")
     texture = synth.texture_condition(list(textures) if textures else TextureSpec("random"), rng)
     request = LesionRequest(vol.channel(data.channel), vol.spacing, class_masks, texture)
-    [new_channel] = synth.synthesize([request], generator=[seeded_generator(seed, "synthesize",
-                                                                            device=synth.device)], rng=rng)
+    [new_channel] = synth.synthesize([request], generator=[seeded_generator(seed, "synthesize")], rng=rng)
     for c, value in enumerate(data.lesion_labels):
         label = np.where(class_masks[c], value, label)
     out_dir = Path(out_dir)

@@ -16,16 +16,16 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from lefusion_nnunet.checkpoints.loaders import LoadedCheckpoint, load_lesion_checkpoint
 from lefusion_nnunet.data.config import DataConfig
-from lefusion_nnunet.data.histogram import HIST_BINS, TextureSpec, resolve_texture
-from lefusion_nnunet.data.lesions import mr_value_range
+from lefusion_nnunet.data.histogram import TextureSpec, class_histograms, resolve_texture
 from lefusion_nnunet.data.roi import extract_roi, extract_roi_mask, mask_fits_roi, paste_roi, plan_roi_origin
 from lefusion_nnunet.diffusion import SamplerConfig, make_sampler
+from lefusion_nnunet.diffusion.inputs import lesion_model_inputs
 from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.seeding import seeded_generator, seeded_rng
 from lefusion_nnunet.utils import resolve_device
 
 
@@ -112,7 +112,7 @@ class LesionSynthesizer:
             raise LeFusionInputError(f"{len(specs)} texture choices given for {self.data.num_classes} lesion classes.")
         hists = self.checkpoint.training_histograms
         return np.concatenate([
-            resolve_texture(s, self.checkpoint.prototypes[c], hists[:, c * HIST_BINS:(c + 1) * HIST_BINS], rng)
+            resolve_texture(s, self.checkpoint.prototypes[c], class_histograms(hists, c), rng)
             for c, s in enumerate(specs)]).astype(np.float32)
 
     # -- the data path -------------------------------------------------------------------------------------
@@ -128,16 +128,11 @@ class LesionSynthesizer:
         if not mask_fits_roi(union, req.spacing, origin, data.roi, margin=0.0):
             raise LeFusionInputError(f"the lesion mask does not fit the model ROI ({data.roi.extent_mm.round(1).tolist()} "
                                      f"mm, z, y, x); use a smaller lesion or a model trained with a larger --roi-size.")
-        value_range = req.value_range or (mr_value_range(data.intensity, req.image) if data.intensity.kind == "percentile"
-                                          else data.intensity.case_range(req.image))
+        value_range = req.value_range or data.intensity.value_range_for(req.image)
         roi_model = data.intensity.to_model(extract_roi(req.image, req.spacing, origin, data.roi), value_range)
         roi_masks = np.stack([extract_roi_mask(m, req.spacing, origin, data.roi) for m in masks])
-        gen_mask = roi_masks.any(0)
-        identity = np.allclose(np.asarray(data.roi.spacing_zyx), np.asarray(req.spacing))
-        if not identity:  # resampled: generate one voxel further so paste-back interpolation sees lesion values
-            gen_mask = ndimage.binary_dilation(gen_mask)
         texture = req.texture if req.texture is not None else self.texture_condition(TextureSpec("random"), rng)
-        return dict(origin=origin, value_range=value_range, roi=roi_model, masks=roi_masks, gen_mask=gen_mask,
+        return dict(origin=origin, value_range=value_range, roi=roi_model, masks=roi_masks,
                     texture=np.asarray(texture, np.float32), union=union)
 
     def _eps_fn(self, context: torch.Tensor, class_masks: torch.Tensor, cond: torch.Tensor):
@@ -162,17 +157,15 @@ class LesionSynthesizer:
 
     def _sample_batch(self, prepared: list[dict], generators) -> list[np.ndarray]:
         dev, c = self.device, self.data.num_classes
-        roi = torch.from_numpy(np.stack([p["roi"] for p in prepared])).to(dev)[:, None]        # (B, 1, Z, Y, X)
-        masks = torch.from_numpy(np.stack([p["masks"] for p in prepared])).to(dev).float()     # (B, C, Z, Y, X)
-        gen_mask = torch.from_numpy(np.stack([p["gen_mask"] for p in prepared])).to(dev).float()[:, None]
+        inputs = lesion_model_inputs(torch.from_numpy(np.stack([p["roi"] for p in prepared])).to(dev)[:, None],
+                                     torch.from_numpy(np.stack([p["masks"] for p in prepared])).to(dev))
+        masks = inputs.class_masks                                                              # (B, C, Z, Y, X)
         cond = torch.from_numpy(np.stack([p["texture"] for p in prepared])).to(dev)
-        known = roi.expand(-1, c, -1, -1, -1).contiguous()
-        context = roi * (1.0 - gen_mask)
-        x0 = self.sampler.sample(self._eps_fn(context, masks, cond), self.checkpoint.schedule, known, gen_mask,
-                                 generator=generators)
+        x0 = self.sampler.sample(self._eps_fn(inputs.context, masks, cond), self.checkpoint.schedule, inputs.known,
+                                 inputs.generate, generator=generators)
         if c == 1:
             composed = x0[:, 0]
-        else:  # multi-channel decomposition: output = sum_c channel_c * mask_c (ring: channel mean)
+        else:  # multi-channel decomposition: output = sum_c channel_c * mask_c (background: every channel = known)
             any_class = masks.sum(1, keepdim=True).clamp(min=1.0)
             composed = torch.where(masks.any(1), (x0 * masks).sum(1) / any_class[:, 0], x0.mean(1))
         return [composed[i].float().cpu().numpy() for i in range(len(prepared))]
@@ -186,8 +179,9 @@ class LesionSynthesizer:
                 on batch composition), or None.
             rng: numpy generator for random texture choices (requests without ``texture``).
         """
-        rng = rng if rng is not None else np.random.default_rng()
-        gens = _as_generators(generator, len(requests), self.device)
+        rng = rng if rng is not None else seeded_rng(0, "synthesize", "textures")
+        gens = (_as_generators(generator, len(requests), self.device) if generator is not None
+                else [seeded_generator(0, "synthesize", i) for i in range(len(requests))])
         prepared = [self._prepare(r, rng) for r in requests]
         outputs: list[np.ndarray] = []
         starts = range(0, len(requests), self.batch_size)

@@ -108,7 +108,7 @@ class MaskGenerator:
             centers_zyx: ``(n, 3)`` sphere centres in model-grid voxels.
             conds: ``(n, C * 4)`` conditions (:meth:`condition`).
             regions: bool ``(n, Z, Y, X)`` host/allowed region hint, or None (everywhere).
-            generator: a torch generator or one per sample.
+            generator: a torch generator or one per sample (None: seed 0, one per sample).
         """
         roi = self.data.roi
         n, C = len(centers_zyx), self.num_classes
@@ -135,6 +135,8 @@ class MaskGenerator:
 
         known = torch.zeros(shape, device=dev)
         ones = torch.ones((n, 1, *roi.size_zyx), device=dev)
+        if generator is None:  # seeded, never the global RNG
+            generator = [seeded_generator(0, "mask", i) for i in range(n)]
         x0 = self.sampler.sample(eps_fn, self.checkpoint.schedule, known, ones, generator=generator)
         return x0.float().cpu().numpy()
 

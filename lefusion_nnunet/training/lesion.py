@@ -26,9 +26,10 @@ from lefusion_nnunet.data.config import DataConfig, build_data_config
 from lefusion_nnunet.data.dataset import RawDataset, load_raw_dataset
 from lefusion_nnunet.data.histogram import HIST_BINS, cluster_prototypes
 from lefusion_nnunet.data.intensity import IntensitySpace
-from lefusion_nnunet.data.lesions import LesionRoiSet, collect_lesion_rois
-from lefusion_nnunet.data.roi import RoiGeometry
+from lefusion_nnunet.data.lesions import LesionRoiSet, collect_lesion_rois, lesion_extents_mm
+from lefusion_nnunet.data.roi import RoiGeometry, choose_roi_geometry
 from lefusion_nnunet.diffusion import DenoiserConfig, NoiseSchedule, ScheduleConfig, masked_epsilon_loss
+from lefusion_nnunet.diffusion.inputs import lesion_model_inputs
 from lefusion_nnunet.distributed import init_distributed
 from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
 from lefusion_nnunet.paths import default_run_dir
@@ -164,17 +165,16 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
             rng, gen = step_generators(config.seed, dist_ctx.rank, step)
             idx = rng.integers(0, len(images), size=config.batch_size)
             x0_np, m_np = augment([images[idx].numpy(), masks[idx].numpy()], rng)
-            x0 = torch.from_numpy(x0_np).to(device)[:, None]                               # (B, 1, Z, Y, X)
-            class_masks = torch.from_numpy(m_np).to(device).float()                         # (B, C, Z, Y, X)
-            union = class_masks.amax(1, keepdim=True)
+            inputs = lesion_model_inputs(torch.from_numpy(x0_np).to(device)[:, None],      # (B, 1, Z, Y, X)
+                                         torch.from_numpy(m_np).to(device))                 # (B, C, Z, Y, X)
             cond = hists[idx].to(device)
             t = torch.randint(0, schedule.num_train_timesteps, (config.batch_size,), generator=gen).to(device)
-            noise = torch.randn((config.batch_size, len(lesion_labels), *x0.shape[2:]), generator=gen).to(device)
+            noise = torch.randn(inputs.known.shape, generator=gen).to(device)
             drop = (torch.rand(config.batch_size, generator=gen) < config.cond_dropout).to(device)
-            x_t = schedule.add_noise(x0.expand_as(noise), noise, t).contiguous(memory_format=torch.channels_last_3d)
+            x_t = schedule.add_noise(inputs.known, noise, t).contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                eps = net(x_t, t, x0 * (1 - union), class_masks, cond, drop_cond=drop)
-            loss = masked_epsilon_loss(eps.float(), noise, class_masks)
+                eps = net(x_t, t, inputs.context, inputs.class_masks, cond, drop_cond=drop)
+            loss = masked_epsilon_loss(eps.float(), noise, inputs.class_masks)
             optimizer_step(loss, model, ema, optimizer, config, step)
             step += 1
             bar.update(1)
@@ -219,7 +219,7 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
 
 
 def train_lesion_model_on_dataset(dataset: str | int, lesion_labels: list[int], config: TrainConfig,
-                                  out_dir: Path | None = None, roi_size_zyx: tuple[int, int, int] = (32, 64, 64),
+                                  out_dir: Path | None = None, roi_size_zyx: tuple[int, int, int] | None = None,
                                   spacing_zyx: tuple[float, float, float] | None = None,
                                   window: tuple[float, float] | None = None, region_label: int | None = None,
                                   channel: int = 0, resume: bool = False, overwrite: bool = False) -> Path:
@@ -229,8 +229,10 @@ def train_lesion_model_on_dataset(dataset: str | int, lesion_labels: list[int], 
     Args:
         dataset: dataset id or name under ``$nnUNet_raw``.
         out_dir: run folder (default ``$nnUNet_results/<Dataset>/LeFusion_<preset>/``).
-        roi_size_zyx: model ROI in voxels (z, y, x).
-        spacing_zyx: model spacing in mm (z, y, x); default the dataset's median spacing.
+        roi_size_zyx: model ROI in voxels (z, y, x); default planned in mm from the training lesions
+            (:func:`~lefusion_nnunet.data.roi.choose_roi_geometry`: every lesion fits with margin, thick slices kept).
+        spacing_zyx: model spacing in mm (z, y, x); default the dataset's median spacing (coarsened by the
+            default ROI plan where the lesions need it).
         window: CT window ``(lo, hi)`` in HU mapped to [-1, 1]; default chosen from the training lesions.
     """
     if window is not None and not window[0] < window[1]:
@@ -241,7 +243,15 @@ def train_lesion_model_on_dataset(dataset: str | int, lesion_labels: list[int], 
     out = Path(out_dir) if out_dir is not None else default_run_dir(raw.name, config.preset)
     check_run_folder(out, resume, overwrite)
     check = validate_dataset(raw, lesion_labels, region_label, channel, need_lesions=True)
-    roi = RoiGeometry(size_zyx=tuple(roi_size_zyx), spacing_zyx=spacing_zyx or median_spacing_zyx(check))
+    spacing = spacing_zyx or median_spacing_zyx(check)
+    if roi_size_zyx is None:
+        roi = choose_roi_geometry(lesion_extents_mm(raw, lesion_labels), spacing,
+                                  multiple=DenoiserConfig.from_preset(config.preset).spatial_divisor)
+        log.info("model ROI: %s voxels at %s mm = %s mm (x, y, z), planned from the training lesions",
+                 " x ".join(map(str, roi.size_zyx[::-1])), " x ".join(f"{v:g}" for v in roi.spacing_zyx[::-1]),
+                 " x ".join(f"{v:.0f}" for v in roi.extent_mm[::-1]))
+    else:
+        roi = RoiGeometry(size_zyx=tuple(roi_size_zyx), spacing_zyx=spacing)
     note_roi_larger_than_images(check, roi)
     intensity = IntensitySpace("window", window=tuple(window)) if window else None
     return train_lesion_model(raw, lesion_labels, out, config, roi, region_label=region_label, intensity=intensity,

@@ -64,7 +64,7 @@ def init_training_state(model_config: DenoiserConfig, config: TrainConfig, state
     with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the global RNG
         torch.manual_seed(config.seed)
         model = LesionDenoiser(model_config)
-    ema = LesionDenoiser(model_config)
+        ema = LesionDenoiser(model_config)
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step = 0

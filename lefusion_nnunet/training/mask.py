@@ -28,7 +28,7 @@ from lefusion_nnunet.data.io import read_label
 from lefusion_nnunet.data.lesions import median_spacing
 from lefusion_nnunet.data.mask_shapes import (MASK_FEATURES, cumulative_channels, mask_features, reference_mm,
                                               sphere_channel)
-from lefusion_nnunet.data.masks import equivalent_diameter_mm, mask_volume_mm3
+from lefusion_nnunet.data.masks import LESION_CONNECTIVITY, equivalent_diameter_mm, mask_volume_mm3
 from lefusion_nnunet.data.roi import (RoiGeometry, extract_roi_mask, mask_fits_roi, roi_center_for_mask,
                                       roi_origin_for_center)
 from lefusion_nnunet.diffusion import DenoiserConfig, NoiseSchedule, ScheduleConfig
@@ -87,7 +87,7 @@ def collect_mask_rois(dataset: RawDataset, lesion_labels: Sequence[int], geometr
             continue
         spacing = tuple(float(s) for s in props["spacing"])
         host = np.isin(label, [int(region_label)] + lesion_labels) if region_label is not None else None
-        components, n = ndimage.label(lesion_any, structure=np.ones((3, 3, 3)))
+        components, n = ndimage.label(lesion_any, structure=LESION_CONNECTIVITY)
         for comp in range(1, n + 1):
             region = components == comp
             origin = roi_origin_for_center(roi_center_for_mask(region), spacing, geometry)

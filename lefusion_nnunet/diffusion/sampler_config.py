@@ -1,0 +1,72 @@
+"""Which inpainting sampler to run and its knobs: :class:`SamplerConfig` (JSON through the ``JsonConfig`` mixin).
+
+The samplers themselves are in :mod:`lefusion_nnunet.diffusion.samplers`; checkpoints store a ``SamplerConfig``'s
+fields as their default sampler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from lefusion_nnunet.configs import JsonConfig
+from lefusion_nnunet.errors import LeFusionInputError
+
+SAMPLER_NAMES = ("ddim", "repaint", "dpmpp2m")
+
+
+TIMESTEP_SPACINGS = ("uniform", "quadratic")
+
+
+# Per-sampler values of the fields left as None: (num_steps, timestep_spacing).
+_SAMPLER_DEFAULTS = {"ddim": (25, "uniform"), "repaint": (25, "uniform"), "dpmpp2m": (10, "quadratic")}
+
+
+@dataclass(frozen=True)
+class SamplerConfig(JsonConfig):
+    """Sampler choice and its knobs.
+
+    Args:
+        name: ``"ddim"`` (fast default), ``"repaint"`` (paper-faithful) or ``"dpmpp2m"`` (few-step
+            DPM-Solver++ 2M; ``resample_steps`` must stay 0).
+        num_steps: ddim and dpmpp2m, number of denoising steps = network evaluations (<= T); None: the
+            sampler's default (ddim 25, dpmpp2m 10).
+        eta: ddim stochasticity; 0 = deterministic DDIM, 1 = DDPM-like ancestral noise. dpmpp2m: 0 = the
+            ODE solver, 1 = SDE-DPM-Solver++ 2M.
+        jump_length: repaint, j (levels climbed per jump).
+        jump_n_sample: repaint, r (times each jump segment is walked).
+        resample_steps: ddim, extra re-noise/re-denoise passes per step (light RePaint resampling).
+        timestep_spacing: ddim and dpmpp2m, which levels the ``num_steps`` evaluations use: ``"uniform"``
+            (evenly spaced in t) or ``"quadratic"`` (t ~ (T - 1) (1 - i / (n - 1))^2, dense near the clean
+            end: DDIM paper App. D.2, DPM-Solver's "time_quadratic"); None: the sampler's default (ddim
+            uniform, dpmpp2m quadratic).
+    """
+
+    name: str = "ddim"
+    num_steps: Optional[int] = None
+    eta: float = 0.0
+    jump_length: int = 2
+    jump_n_sample: int = 2
+    resample_steps: int = 0
+    timestep_spacing: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLER_NAMES:
+            raise LeFusionInputError(f"unknown sampler {self.name!r}; valid samplers are {', '.join(SAMPLER_NAMES)}.")
+        steps, spacing = _SAMPLER_DEFAULTS[self.name]
+        if self.num_steps is None:
+            object.__setattr__(self, "num_steps", steps)
+        if self.timestep_spacing is None:
+            object.__setattr__(self, "timestep_spacing", spacing)
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise LeFusionInputError(f"unknown timestep_spacing {self.timestep_spacing!r}; valid options are "
+                                     f"{', '.join(TIMESTEP_SPACINGS)}.")
+        for field, low in (("num_steps", 1), ("jump_length", 1), ("jump_n_sample", 1), ("resample_steps", 0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise LeFusionInputError(f"sampler {field} must be an integer >= {low}, got {value!r}.")
+        if not 0.0 <= float(self.eta) <= 1.0:
+            raise LeFusionInputError(f"sampler eta must be in [0, 1], got {self.eta!r}.")
+        if self.name == "dpmpp2m" and self.resample_steps != 0:
+            raise LeFusionInputError("the dpmpp2m sampler is multistep (it reuses the previous x0 estimate): "
+                                     "resample_steps must be 0.")
+
