@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         Path(env[k]).mkdir(parents=True, exist_ok=True)
     window = tuple(float(v) for v in args.window)
-    timings: dict[str, float] = {}
+    timings_file = work / "timings.json"        # seconds of each finished step, kept for reruns that reuse it
+    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     setup = prepare_phantom(args, env, raw, logs, timings) if args.dataset == "phantom" else \
         prepare_real(args, env, raw, work)
     src_id = TRAIN_ID if args.dataset == "phantom" else REAL_ID
@@ -317,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
                                             **{k: round(s[k], 4) for k in ("inside_lung_region", "inside_lung_label")
                                                if k in s}} for s in synth]}
         rows[arm] = synth[: args.montage_columns]
+    timings_file.write_text(json.dumps(timings, indent=2))
     result["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     png = args.montage or (args.out.with_suffix(".png") if args.out else work / "realism_montage.png")
     montage(rows, png, window, columns=max(len(r) for r in rows.values()))

@@ -263,3 +263,32 @@ def test_auto_lung_region_places_every_lesion_in_the_lungs(tmp_path):
         assert new.any() and (source_label[new] == 1).all(), "a synthetic lesion voxel lies outside the lung"
     with pytest.raises(Exception, match="only one"):
         VariantSettings(auto_region="lung", region_label=1)
+
+
+def test_border_ring_is_generated_and_nothing_beyond_it_changes():
+    import dataclasses as dc
+
+    from lefusion_nnunet.synthesis.lesion import generation_region
+
+    image = np.random.default_rng(0).normal(-700, 30, (16, 32, 32)).astype(np.float32)
+    mask = np.zeros((1, 16, 32, 32), bool)
+    mask[0, 6:10, 12:18, 12:18] = True
+    base = DataConfig(dataset_name="D", lesion_labels=(2,), label_names=("n",), region_label=None, channel=0,
+                      modality="CT", roi=RoiGeometry((8, 16, 16), (1.0, 1.0, 1.0)), intensity=IntensitySpace())
+    synth = _synthesizer(dc.replace(base, border_ring_voxels=1))
+    with torch.no_grad():
+        for p in synth.checkpoint.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    [out] = synth.synthesize([LesionRequest(image, (1.0, 1.0, 1.0), mask)], generator=[seeded_generator(0, "r")])
+    changed = out != image
+    from scipy import ndimage
+    ring = ndimage.binary_dilation(mask[0], structure=np.ones((3, 3, 3))) & ~mask[0]
+    assert changed[ring].mean() > 0.9 and not changed[~(mask[0] | ring)].any()  # exactly mask + one-voxel ring
+    prepared = synth._prepare(LesionRequest(image, (1.0, 1.0, 1.0), mask), np.random.default_rng(0))
+    inputs = lesion_model_inputs(torch.from_numpy(prepared["roi"][None, None]),
+                                 torch.from_numpy(prepared["masks"][None]), border_ring=1)
+    region = generation_region(mask[0], inputs.generate[0, 0].numpy().astype(bool), prepared["origin"],
+                               (1.0, 1.0, 1.0), synth.data)
+    assert np.array_equal(region, mask[0] | ring)
+    assert np.array_equal(generation_region(mask[0], inputs.generate[0, 0].numpy().astype(bool),
+                                            prepared["origin"], (1.0, 1.0, 1.0), base), mask[0])  # no ring: mask

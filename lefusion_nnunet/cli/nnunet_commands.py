@@ -39,12 +39,16 @@ def register(sub) -> None:
 
 
 def run_trainer_config(args: argparse.Namespace) -> int:
+    from lefusion_nnunet.integration.install import shim_installed
     from lefusion_nnunet.integration.trainer_config import configure_trainer
 
     path = configure_trainer(args.dataset, variant_settings_from_args(args), checkpoint=args.checkpoint,
                              probability=args.probability, batch_size=args.batch_size, device=args.device,
                              overwrite=args.overwrite)
     print(f"settings: {path}")
+    if not shim_installed():  # nnU-Net finds no plugin trainer on its own (its lookup would crash on CPU installs)
+        print("next: run `lefusion install-trainer` once so that `nnUNetv2_train ... -tr LeFusionTrainer` finds the "
+              "trainer")
     return 0
 
 

@@ -30,6 +30,9 @@ def register(sub) -> None:
                    help="CT intensity window in HU mapped to [-1, 1] (default: chosen from the training lesions)")
     p.add_argument("--channel", type=int, default=0, help="image channel to learn (default: 0)")
     p.add_argument("--texture-clusters", type=int, default=3, help="histogram prototypes per class (default: 3)")
+    p.add_argument("--border-ring", type=int, default=1,
+                   help="model voxels generated around each lesion, where real lesions end in partial-volume blur "
+                        "outside their labels; voxels beyond it stay bit-identical (default: 1; 0 = the mask only)")
     add_training_run_args(p)
     p.set_defaults(func=run)
 
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
-                         texture_clusters=args.texture_clusters, seed=args.seed, device=args.device)
+                         texture_clusters=args.texture_clusters, seed=args.seed, device=args.device,
+                         border_ring=args.border_ring)
     final = train_lesion_model_on_dataset(
         args.dataset, args.lesion_label, config, out_dir=args.output,
         roi_size_zyx=xyz_to_zyx(args.roi_size, "--roi-size", int), spacing_zyx=xyz_to_zyx(args.spacing, "--spacing"),

@@ -24,6 +24,8 @@ class DataConfig(JsonConfig):
         roi: the model grid (size, spacing in mm, z, y, x).
         intensity: native <-> model mapping.
         file_ending: the dataset's file ending.
+        border_ring_voxels: model voxels generated around each lesion mask (the partial-volume edge real lesions
+            have outside their labels), in training and sampling alike; 0 for checkpoints written before it.
     """
 
     dataset_name: str
@@ -36,6 +38,7 @@ class DataConfig(JsonConfig):
     intensity: IntensitySpace
     file_ending: str = ".nii.gz"
     extra: dict = field(default_factory=dict)
+    border_ring_voxels: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -55,11 +58,11 @@ class DataConfig(JsonConfig):
 
 
 def build_data_config(dataset: RawDataset, lesion_labels: list[int], region_label: int | None, channel: int,
-                      roi: RoiGeometry, intensity: IntensitySpace) -> DataConfig:
+                      roi: RoiGeometry, intensity: IntensitySpace, border_ring_voxels: int = 0) -> DataConfig:
     names = {v: k for k, v in dataset.labels.items()}
     if region_label is not None:
         dataset.check_labels([region_label], "region label")
     return DataConfig(dataset_name=dataset.name, lesion_labels=tuple(lesion_labels),
                       label_names=tuple(names[v] for v in lesion_labels), region_label=region_label,
                       channel=channel, modality=dataset.modality(channel), roi=roi, intensity=intensity,
-                      file_ending=dataset.file_ending)
+                      file_ending=dataset.file_ending, border_ring_voxels=int(border_ring_voxels))

@@ -165,7 +165,7 @@ class ReleaseUnet(nn.Module):
 
     def to(self, *args: Any, **kwargs: Any) -> "ReleaseUnet":
         """``nn.Module.to`` without ``memory_format``: the release's 1x1 ``Conv2d`` weights are 4-D, which
-        ``channels_last_3d`` refuses, and the blocks choose their own layouts (inputs are made contiguous)."""
+        ``channels_last_3d`` refuses, and the network chooses its activation layout itself (channels-last)."""
         kwargs.pop("memory_format", None)
         return super().to(*args, **kwargs)
 
@@ -211,7 +211,8 @@ class ReleaseUnet(nn.Module):
         emb = self.embed(t, cond, drop_cond, b)
         pos_bias = self.time_rel_pos_bias(spatial[0], x.device).to(x.dtype).contiguous()
 
-        h = self.init_conv(x.contiguous())
+        # channels-last inside: oneDNN convolutions skip a reorder and the attention blocks' token views are free
+        h = self.init_conv(x.contiguous(memory_format=torch.channels_last_3d))
         r = h
         h = self.init_temporal_attn(h, pos_bias)
         skips = []
@@ -225,7 +226,7 @@ class ReleaseUnet(nn.Module):
         for block1, block2, plane, depth, up in self.ups:
             h = torch.cat([h, skips.pop()], dim=1)
             h = up(depth(plane(block2(block1(h, emb), emb)), pos_bias))
-        return self.final_conv(torch.cat([h, r], dim=1))
+        return self.final_conv(torch.cat([h, r], dim=1)).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- adapters

@@ -4,12 +4,17 @@ Used by ``lefusion synthesize``, the offline enlarger and the nnU-Net trainer al
 
 1. the ROI (model grid) is centred on the lesion mask and resampled from the native image;
 2. it is mapped to model space [-1, 1] by the checkpoint's intensity space;
-3. the sampler inpaints the lesion region (background merged with the real ROI at every step);
-4. the generated ROI is mapped back to native units and pasted into the native image *only inside the
-   native lesion mask*: every other voxel is bit-identical to the input.
+3. the sampler inpaints the generation region (background merged with the real ROI at every step): the lesion
+   mask plus, for models trained with one, a border ring of ``DataConfig.border_ring_voxels`` model voxels where
+   real lesions end in partial-volume blur outside their labels (model inputs: :mod:`lefusion_nnunet.diffusion.inputs`,
+   the same function training uses);
+4. the generated ROI is mapped back to native units and pasted into the native image *only inside the native
+   generation region* (:func:`generation_region`): every other voxel is bit-identical to the input. The label
+   written is the lesion mask itself.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,9 +26,10 @@ from tqdm.auto import tqdm
 from lefusion_nnunet.checkpoints.loaders import LoadedCheckpoint, load_lesion_checkpoint
 from lefusion_nnunet.data.config import DataConfig
 from lefusion_nnunet.data.histogram import TextureSpec, class_histograms, resolve_texture
+from lefusion_nnunet.data.masks import roi_mask_to_native
 from lefusion_nnunet.data.roi import extract_roi, extract_roi_mask, mask_fits_roi, paste_roi, plan_roi_origin
 from lefusion_nnunet.diffusion import SamplerConfig, make_sampler
-from lefusion_nnunet.diffusion.inputs import lesion_model_inputs
+from lefusion_nnunet.diffusion.inputs import border_ring_region, lesion_model_inputs
 from lefusion_nnunet.errors import LeFusionInputError
 from lefusion_nnunet.seeding import seeded_generator, seeded_rng
 from lefusion_nnunet.utils import resolve_device
@@ -49,6 +55,16 @@ class LesionRequest:
     texture: np.ndarray | None = None
     value_range: tuple[float, float] | None = None
     roi_origin_zyx: np.ndarray | None = None
+
+
+def generation_region(union_zyx: np.ndarray, generate_roi: np.ndarray, origin_zyx, spacing_zyx,
+                      data: DataConfig) -> np.ndarray:
+    """The native voxels a synthesised lesion may change, bool ``(Z, Y, X)``: its mask, plus (for models trained
+    with a border ring) the native voxels the model-grid ring covers. Every other voxel stays bit-identical."""
+    if not data.border_ring_voxels:
+        return union_zyx
+    ring = roi_mask_to_native(generate_roi, origin_zyx, spacing_zyx, data.roi, union_zyx.shape)[0]
+    return union_zyx | ring
 
 
 def _as_generators(generator, n: int, device: str) -> list[torch.Generator] | torch.Generator | None:
@@ -155,10 +171,13 @@ class LesionSynthesizer:
             return out.float()
         return eps_fn
 
-    def _sample_batch(self, prepared: list[dict], generators) -> list[np.ndarray]:
+    def _sample_batch(self, prepared: list[dict], generators) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Sample a batch of prepared ROIs: per request, the model-space ROI ``(Z, Y, X)`` and its generation region
+        (bool, model grid: lesion masks + border ring)."""
         dev, c = self.device, self.data.num_classes
         inputs = lesion_model_inputs(torch.from_numpy(np.stack([p["roi"] for p in prepared])).to(dev)[:, None],
-                                     torch.from_numpy(np.stack([p["masks"] for p in prepared])).to(dev))
+                                     torch.from_numpy(np.stack([p["masks"] for p in prepared])).to(dev),
+                                     border_ring=self.data.border_ring_voxels)
         masks = inputs.class_masks                                                              # (B, C, Z, Y, X)
         cond = torch.from_numpy(np.stack([p["texture"] for p in prepared])).to(dev)
         x0 = self.sampler.sample(self._eps_fn(inputs.context, masks, cond), self.checkpoint.schedule, inputs.known,
@@ -168,11 +187,24 @@ class LesionSynthesizer:
         else:  # multi-channel decomposition: output = sum_c channel_c * mask_c (background: every channel = known)
             any_class = masks.sum(1, keepdim=True).clamp(min=1.0)
             composed = torch.where(masks.any(1), (x0 * masks).sum(1) / any_class[:, 0], x0.mean(1))
-        return [composed[i].float().cpu().numpy() for i in range(len(prepared))]
+        generate = inputs.generate[:, 0].bool().cpu().numpy()
+        return [(composed[i].float().cpu().numpy(), generate[i]) for i in range(len(prepared))]
+
+    def generation_regions(self, requests: list[LesionRequest]) -> list[np.ndarray]:
+        """Per request, the native voxels synthesis may change, bool ``(Z, Y, X)`` (:func:`generation_region`),
+        without sampling: outside them the output is bit-identical to the input."""
+        out = []
+        for req in requests:
+            p = self._prepare(dataclasses.replace(req, texture=np.zeros(1, np.float32)), np.random.default_rng(0))
+            ring = border_ring_region(torch.from_numpy(p["masks"][None].any(1, keepdims=True)).float(),
+                                      self.data.border_ring_voxels)
+            out.append(generation_region(p["union"], ring[0, 0].bool().numpy(), p["origin"], req.spacing, self.data))
+        return out
 
     def synthesize(self, requests: list[LesionRequest], generator=None, rng: np.random.Generator | None = None,
                    progress: bool = False) -> list[np.ndarray]:
-        """Synthesise every request; returns native ``(Z, Y, X)`` float32 images changed only inside each mask.
+        """Synthesise every request; returns native ``(Z, Y, X)`` float32 images changed only inside each request's
+        generation region (:func:`generation_region`: the mask, plus the border ring of models trained with one).
 
         Args:
             generator: one ``torch.Generator`` for all, or one per request (for results that do not depend
@@ -188,9 +220,11 @@ class LesionSynthesizer:
         for s in tqdm(starts, desc="synthesising", disable=not progress, leave=False):
             chunk = prepared[s:s + self.batch_size]
             g = gens[s:s + self.batch_size] if isinstance(gens, list) else gens
-            for p, req, roi_out in zip(chunk, requests[s:s + self.batch_size], self._sample_batch(chunk, g)):
+            for p, req, (roi_out, generate) in zip(chunk, requests[s:s + self.batch_size],
+                                                   self._sample_batch(chunk, g)):
                 native_roi = self.data.intensity.to_native(roi_out, p["value_range"])
-                outputs.append(paste_roi(req.image, req.spacing, p["origin"], self.data.roi, native_roi, p["union"]))
+                region = generation_region(p["union"], generate, p["origin"], req.spacing, self.data)
+                outputs.append(paste_roi(req.image, req.spacing, p["origin"], self.data.roi, native_roi, region))
         return outputs
 
 

@@ -107,7 +107,8 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
         intensity, roi = saved.intensity, saved.roi
         config = TrainConfig.from_dict({**state["train_config"], "steps": config.steps, "device": config.device})
     rois = collect_lesion_rois(dataset, lesion_labels, roi, intensity, channel, progress=progress)
-    data_config = build_data_config(dataset, lesion_labels, region_label, channel, roi, rois.intensity)
+    data_config = build_data_config(dataset, lesion_labels, region_label, channel, roi, rois.intensity,
+                                    border_ring_voxels=config.border_ring)
     model_config = DenoiserConfig.from_preset(config.preset, image_channels=len(lesion_labels), hist_bins=HIST_BINS,
                                               cond_encoding="histogram")
     schedule_config = ScheduleConfig(num_train_timesteps=config.num_train_timesteps)
@@ -166,7 +167,8 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
             idx = rng.integers(0, len(images), size=config.batch_size)
             x0_np, m_np = augment([images[idx].numpy(), masks[idx].numpy()], rng)
             inputs = lesion_model_inputs(torch.from_numpy(x0_np).to(device)[:, None],      # (B, 1, Z, Y, X)
-                                         torch.from_numpy(m_np).to(device))                 # (B, C, Z, Y, X)
+                                         torch.from_numpy(m_np).to(device),                 # (B, C, Z, Y, X)
+                                         border_ring=data_config.border_ring_voxels)
             cond = hists[idx].to(device)
             t = torch.randint(0, schedule.num_train_timesteps, (config.batch_size,), generator=gen).to(device)
             noise = torch.randn(inputs.known.shape, generator=gen).to(device)

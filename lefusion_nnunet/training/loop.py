@@ -44,8 +44,11 @@ class TrainConfig(JsonConfig):
     seed: int = 0
     device: str = "auto"
     max_minutes: float | None = None   # wall-clock budget: stop early (and save) once exceeded
+    border_ring: int = 1               # model voxels generated around each lesion (its partial-volume edge)
 
     def __post_init__(self) -> None:
+        if isinstance(self.border_ring, bool) or not isinstance(self.border_ring, int) or self.border_ring < 0:
+            raise LeFusionInputError(f"--border-ring {self.border_ring!r} must be a whole number of voxels >= 0.")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "texture_clusters"):
             if getattr(self, name) < 1:
                 raise LeFusionInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
