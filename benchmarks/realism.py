@@ -1,6 +1,6 @@
 """Realism: do synthetic lesions look like held-out real lesions of the same kind, and do they sit in the lung?
 
-Per lesion (:mod:`lefusion_nnunet.realism`): intensity mean and sd, high-frequency grain, clipped voxels, border
+Per lesion (:mod:`lefusion_nnunet.evaluation.realism`): intensity mean and sd, high-frequency grain, clipped voxels, border
 step, in the chest window (default -1000..400 HU); per arm: synthetic/real ratios, the worst clipping, and a
 real-vs-synthetic logistic regression on the five statistics (stratified 5-fold, seeded, ROC AUC with the
 per-fold spread); placement: the fraction of synthetic lesion voxels inside the automatic lung region
@@ -10,7 +10,8 @@ shows the central axial slice of real and synthetic lesions side by side (one ro
 Arms, each made with the ``lefusion`` command (subprocess, so the benchmark uses only the public CLI):
 ``lefusion`` (``lefusion enlarge`` defaults: DDIM sampler, ellipsoid masks), ``lefusion_repaint_j2_r2``
 (``--sampler repaint --jump-length 2 --jump-n-sample 2``) and ``copy_paste`` (``--method copy-paste
---mask-source real``).
+--mask-source real``); on request (``--arms``) the 10-evaluation samplers ``lefusion_ddim10`` (``--steps 10``) and
+``lefusion_dpmpp2m10`` (``--sampler dpmpp2m --steps 10``).
 
 Datasets:
 
@@ -49,13 +50,15 @@ from _common import emit
 from scipy import ndimage
 
 from lefusion_nnunet.data.lung_region import lung_region
-from lefusion_nnunet.realism import CHEST_WINDOW_HU, lesion_statistics, realism_summary, split_lesions
+from lefusion_nnunet.evaluation.realism import CHEST_WINDOW_HU, lesion_statistics, realism_summary, split_lesions
 
 TRAIN_ID, HELDOUT_ID, REAL_ID = 501, 503, 601
 ARMS = {"lefusion": [],
         "lefusion_repaint_j2_r2": ["--sampler", "repaint", "--jump-length", "2", "--jump-n-sample", "2"],
-        "copy_paste": ["--method", "copy-paste", "--mask-source", "real"]}
-ARM_IDS = {"lefusion": 1, "lefusion_repaint_j2_r2": 2, "copy_paste": 3}
+        "copy_paste": ["--method", "copy-paste", "--mask-source", "real"],
+        "lefusion_ddim10": ["--sampler", "ddim", "--steps", "10"],
+        "lefusion_dpmpp2m10": ["--sampler", "dpmpp2m", "--steps", "10"]}
+ARM_IDS = {"lefusion": 1, "lefusion_repaint_j2_r2": 2, "copy_paste": 3, "lefusion_ddim10": 4, "lefusion_dpmpp2m10": 5}
 REAL_FILES = ("lung1_image.nrrd", "lung1_label.nrrd", "lung2_image.nrrd", "lung2_label.nrrd")
 GET_REAL = ("pip download --no-deps --no-build-isolation pyradiomics==3.0.1 -d {d} && tar xzf "
             "{d}/pyradiomics-3.0.1.tar.gz -C {d} --strip-components=2 --wildcards 'pyradiomics-3.0.1/data/lung*'")
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--real-spacing", type=float, nargs=3, default=(1.25, 1.25, 5.0), metavar=("X", "Y", "Z"))
     p.add_argument("--per-case", type=int, default=3, help="variants per source case (DDIM, copy-paste)")
     p.add_argument("--repaint-per-case", type=int, default=1, help="variants per source case for RePaint")
-    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["lefusion", "lefusion_repaint_j2_r2", "copy_paste"])
     p.add_argument("--window", type=float, nargs=2, default=CHEST_WINDOW_HU, metavar=("LO", "HI"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--montage", type=Path, default=None, help="PNG (default: next to --out, else in --work)")

@@ -4,8 +4,9 @@ One run, one process: the release's ``Unet3D`` (imported from a checkout of gith
 copied here) and our :class:`~lefusion_nnunet.diffusion.release_unet.ReleaseUnet` at the published LIDC width
 (dim 64, mults 1 2 4 8, 1 channel, 16-bin condition), holding identical seeded random weights, each evaluate eps for
 one ROI of 64 x 64 x 32 (x, y, z) voxels, batch 1, fp32, after one warm-up call each, interleaved ``--repeats``
-times. Reports every time, the ratios of the minima and of the medians, and the largest absolute output difference. Then the same weights go through the import path (a release-format file
--> ``import_release_checkpoint`` -> our checkpoint) and our default sampler inpaints one lesion: seconds per lesion.
+times. Reports every time, the ratios of the minima and of the medians, and the largest absolute output difference.
+Then the same weights go through the import path (a release-format file -> ``import_release_checkpoint`` -> our
+checkpoint) and our default sampler inpaints one lesion: seconds per lesion (network evaluations dominate).
 
 The release's model code needs ``rotary-embedding-torch==0.1.5``, ``einops`` and ``einops-exts`` importable;
 install them outside this project and pass ``--site``::

@@ -116,10 +116,19 @@ def test_cli_choices_match_the_library():
     assert set(AUTO_REGION_CHOICES) == set(AUTO_REGIONS)
 
 
+def test_train_command_defaults_are_the_library_defaults():
+    sub = _subcommands(build_parser())["train"]
+    args = sub.parse_args(["-d", "501", "--lesion-label", "2"])
+    defaults = TrainConfig()
+    assert (args.steps, args.batch_size, args.lr, args.border_ring) == (defaults.steps, defaults.batch_size,
+                                                                      defaults.lr, defaults.border_ring)
+    assert args.roi_size is None  # planned from the lesions
+
+
 def test_provenance_records_only_the_fields_a_sampler_uses():
     assert set(sampler_record(SamplerConfig(name="repaint"))) == {"name", "jump_length", "jump_n_sample"}
     ddim = sampler_record(SamplerConfig(name="ddim"))
-    assert "jump_length" not in ddim and ddim["num_steps"] == 25
+    assert "jump_length" not in ddim and ddim["num_steps"] == 10
 
 
 def test_region_label_resolution():

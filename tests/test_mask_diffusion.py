@@ -20,7 +20,8 @@ from lefusion_nnunet.data.config import DataConfig
 from lefusion_nnunet.data.dataset import load_raw_dataset
 from lefusion_nnunet.data.intensity import IntensitySpace
 from lefusion_nnunet.data.io import read_image, read_label, voxel_to_world, world_to_voxel
-from lefusion_nnunet.data.mask_shapes import cumulative_channels, decode_cumulative, postprocess_masks, sphere_channel
+from lefusion_nnunet.data.mask_shapes import (MASK_FEATURES, center_distance_mm, cumulative_channels, decode_cumulative,
+                                              postprocess_masks, sphere_channel)
 from lefusion_nnunet.data.masks import mask_volume_mm3, roi_mask_to_native, sphere_volume_mm3, surface_to_volume
 from lefusion_nnunet.data.placement import allowed_region
 from lefusion_nnunet.data.roi import RoiGeometry, extract_roi_mask, roi_origin_for_center
@@ -124,20 +125,21 @@ def test_world_to_voxel_inverts_voxel_to_world():
 @pytest.fixture(scope="module")
 def cardiac(tmp_path_factory) -> Path:
     cfg = CardiacPhantomConfig(num_cases=6, lesion_free_fraction=0.34, shape_zyx=(10, 48, 48), spacing_zyx=SPACING,
-                               mvo_fraction=1.0, seed=5)
+                               mvo_fraction=0.6, seed=5)          # 2 of the 4 infarcts hold an MVO core
     return generate_cardiac_phantom(tmp_path_factory.mktemp("raw"), 992, "MaskCardiac", cfg)
 
 
-def _train(cardiac, out: Path, steps: int, resume: bool = False) -> Path:
+def _train(cardiac, out: Path, steps: int, resume: bool = False, lr: float = 2e-4) -> Path:
     cfg = TrainConfig(preset="tiny", steps=steps, batch_size=2, checkpoint_every=2, num_train_timesteps=20,
-                      device="cpu")
+                      device="cpu", lr=lr)
     return train_mask_model(load_raw_dataset(cardiac), LABELS, out, cfg, ROI, region_label=2, resume=resume,
                             progress=False)
 
 
 @pytest.fixture(scope="module")
 def mask_ckpt(cardiac, tmp_path_factory) -> Path:
-    return _train(cardiac, tmp_path_factory.mktemp("maskrun"), steps=4)
+    # 40 steps at lr 1e-3 (about 2 s): enough for the raw samples to follow the sphere condition (4 steps are not)
+    return _train(cardiac, tmp_path_factory.mktemp("maskrun"), steps=40, lr=1e-3)
 
 
 def _free(cardiac: Path) -> str:
@@ -151,7 +153,12 @@ def test_mask_model_checkpoint_and_resume(cardiac, mask_ckpt, tmp_path):
     assert content["data_config"]["roi"] == ROI.to_dict() and content["data_config"]["region_label"] == 2
     assert content["data_config"]["extra"]["mask_model"]["encoding"] == "cumulative"
     ckpt = load_mask_checkpoint(mask_ckpt)
-    assert ckpt.features.shape[1] == 8 and (ckpt.features.reshape(-1, 2, 4)[:, 1, 2] == 1).all()
+    assert ckpt.features.shape[1] == 8
+    # the "present" feature of the MVO channel says which training lesions hold an MVO core, as the phantom made them
+    present = ckpt.features.reshape(-1, 2, MASK_FEATURES)[:, 1, 2]
+    lesions = [c for c in json.loads((cardiac / "phantom_manifest.json").read_text())["cases"] if c["has_lesion"]]
+    assert sorted(present.tolist()) == sorted(float(c["mvo_voxels"] > 0) for c in lesions)
+    assert 0 < present.sum() < len(present)
     with pytest.raises(LeFusionCheckpointError, match="'mask' model"):
         from lefusion_nnunet.checkpoints.loaders import load_lesion_checkpoint
         load_lesion_checkpoint(mask_ckpt)
@@ -162,17 +169,84 @@ def test_mask_model_checkpoint_and_resume(cardiac, mask_ckpt, tmp_path):
         torch.testing.assert_close(resumed["ema_state"][name], value, rtol=0, atol=0)
 
 
-def test_sampling_gives_nested_classes_of_the_requested_size(mask_ckpt):
+def test_postprocess_nests_and_sizes_masks_whatever_the_raw_channels():
+    """Size and nesting of sampled masks are the post-processing's doing, not the network's: raw channels that are
+    not nested (the inner blob half outside the outer one), or pure noise, still come out nested, of the requested
+    size, with one inner piece inside the outer one (none when its fraction is 0); the requested inner fraction
+    is met only when the raw inner channel is one coherent blob (from noise its largest piece is smaller)."""
+    shape, sp, center = (8, 32, 32), SPACING, (3.5, 15.5, 15.5)
+    zz, yy, xx = np.indices(shape)
+    rng = np.random.default_rng(0)
+    outer = np.tanh((9.0 - np.sqrt(((zz - 3.5) * 8) ** 2 + ((yy - 15.5) * 1.5) ** 2 + ((xx - 15.5) * 1.5) ** 2)) / 2)
+    inner = np.tanh((5.0 - np.sqrt(((zz - 3.5) * 8) ** 2 + ((yy - 15.5) * 1.5) ** 2 + ((xx - 22.0) * 1.5) ** 2)) / 2)
+    not_nested = np.stack([outer, inner]).astype(np.float32)
+    assert ((not_nested[1] > 0) & (not_nested[0] <= 0)).any(), "the raw inner channel pokes out of the outer one"
+    noise = rng.uniform(-1, 1, (2, *shape)).astype(np.float32)
+    for soft in (not_nested, noise):
+        for d, frac in ((16.0, 0.3), (20.0, 0.0)):
+            target = sphere_volume_mm3(d) / np.prod(sp)
+            cum = postprocess_masks(soft, sp, target, 0.3, center, d / 2, np.random.default_rng(1),
+                                    inner_fractions=[frac])
+            assert abs(cum[0].sum() / target - 1) < 0.03
+            assert not (cum[1] & ~cum[0]).any(), "the inner class lies inside the outer one"
+            assert ndimage.label(cum[1], structure=np.ones((3, 3, 3)))[1] == (frac > 0), "one inner piece, or none"
+            if soft is not_nested and frac > 0:   # from noise the largest inner piece is smaller than asked
+                assert abs(cum[1].sum() / cum[0].sum() - frac) < 0.1
+            classes = decode_cumulative(cum)
+            assert not (classes[0] & classes[1]).any()
+
+
+def test_sample_post_processes_into_nested_masks_of_the_requested_size(mask_ckpt):
+    """`sample` end to end. The size and the nesting checked here come from `postprocess_masks` (the test above
+    shows it gives them even from noise); the network's own part is the next test. With ``mvo_fraction`` < 1 an
+    MVO core comes out only when the training lesion whose features condition the sample held one."""
     gen = MaskGenerator(mask_ckpt, device="cpu", sampler=FAST)
-    masks = gen.sample(18.0, 0.3, n=2, generator=torch.Generator().manual_seed(0), rng=np.random.default_rng(0))
-    assert masks.shape == (2, 2, *ROI.size_zyx) and masks.dtype == bool
-    for m in masks:
+    n = 4
+    masks = gen.sample(18.0, 0.3, n=n, generator=torch.Generator().manual_seed(0), rng=np.random.default_rng(0))
+    replay = np.random.default_rng(0)                                  # `sample` draws the n conditions first
+    conds = [gen.condition(18.0, 0.3, replay).reshape(2, MASK_FEATURES) for _ in range(n)]
+    assert masks.shape == (n, 2, *ROI.size_zyx) and masks.dtype == bool
+    for m, cond in zip(masks, conds):
         assert not (m[0] & m[1]).any(), "classes come back disjoint"
-        assert m[1].any(), "every training infarct had an MVO core, so samples have one too"
-        assert ndimage.binary_dilation(m[1], structure=np.ones((3, 3, 3)))[m[0]].any(), "the MVO sits in the infarct"
+        assert m[1].any() == (cond[1, 3] * m.any(0).sum() >= 0.5), "an MVO core only when the reference had one"
+        if m[1].any():
+            assert ndimage.binary_dilation(m[1], structure=np.ones((3, 3, 3)))[m[0]].any(), "the MVO is in the infarct"
         assert abs(mask_volume_mm3(m, SPACING) / sphere_volume_mm3(18.0) - 1) < 0.05
-    again = gen.sample(18.0, 0.3, n=2, generator=torch.Generator().manual_seed(0), rng=np.random.default_rng(0))
+    again = gen.sample(18.0, 0.3, n=n, generator=torch.Generator().manual_seed(0), rng=np.random.default_rng(0))
     np.testing.assert_array_equal(masks, again)
+
+
+def test_raw_mask_samples_follow_the_sphere_condition(mask_ckpt):
+    """The network's raw samples (`sample_soft`, before any post-processing): in [-1, 1], reproducible from the
+    generator, and conditioned on the sphere *where it is*: moving the requested centre along y or x changes the raw
+    samples mostly around the old and new sphere, and the change's centre of mass moves the same way along the same
+    axis. Fails if the sphere channel is not fed to the network, or is built with swapped axes, wrong spacing or
+    centres in the wrong units."""
+    gen = MaskGenerator(mask_ckpt, device="cpu", sampler=FAST)
+    roi, d = gen.data.roi, 14.0
+    rng = np.random.default_rng(0)
+    conds = np.stack([gen.condition(d, 0.3, rng) for _ in range(2)])
+    centre = (np.asarray(roi.size_zyx) - 1) / 2.0
+
+    def soft(c):
+        return gen.sample_soft(np.stack([c, c]), d, conds, generator=[torch.Generator().manual_seed(i) for i in (0, 1)])
+
+    base = soft(centre)
+    assert base.shape == (2, 2, *roi.size_zyx) and base.min() >= -1 and base.max() <= 1
+    np.testing.assert_array_equal(base, soft(centre))
+    assert (base[0] != base[1]).any(), "different generators, different samples"
+    for axis, shift in ((2, 8.0), (1, -8.0), (2, -6.0)):
+        moved_centre = centre.copy()
+        moved_centre[axis] += shift
+        moved = soft(moved_centre)
+        near = ((center_distance_mm(roi.size_zyx, roi.spacing_zyx, centre) <= d)
+                | (center_distance_mm(roi.size_zyx, roi.spacing_zyx, moved_centre) <= d))
+        for a, b in zip(base, moved):
+            change = np.abs(b - a).sum(0)
+            assert change.sum() > 0, "the raw sample depends on the sphere condition"
+            assert change[near].sum() / change.sum() > 2 * near.mean(), "the change sits around the two spheres"
+            com = (np.indices(change.shape).reshape(3, -1) * change.reshape(-1)).sum(1) / change.sum()
+            assert (com[axis] - centre[axis]) * np.sign(shift) > 0.2 * abs(shift), "it moves with the centre"
 
 
 def test_generate_in_case_follows_the_wall_size_and_centre(cardiac, mask_ckpt):

@@ -1,4 +1,8 @@
-"""Multi-class lesions (multi-channel decomposition, C = 2) on the generated cardiac phantom, tiny presets."""
+"""Multi-class lesions (multi-channel decomposition, C = 2) on the generated cardiac phantom, tiny presets.
+
+The phantom is realistic in the two ways that matter here: only some infarcts hold an MVO core
+(``mvo_fraction`` < 1, so a class can be absent from a lesion), and the synthesis tests use a model whose ROI
+spacing differs from the data spacing (the resampled path most real datasets take: model spacing = median)."""
 from __future__ import annotations
 
 import json
@@ -27,14 +31,15 @@ from lefusion_nnunet.synthesis.lesion import LesionRequest, LesionSynthesizer
 from lefusion_nnunet.training.lesion import train_lesion_model
 from lefusion_nnunet.training.loop import TrainConfig
 from lefusion_nnunet.variant_settings import VariantSettings
-from lefusion_nnunet.variants import make_variants
+from lefusion_nnunet.variants import class_frequencies, make_variants
 
 SPACING = (8.0, 1.5, 1.5)
 ROI = RoiGeometry((8, 32, 32), SPACING)           # 64 x 48 x 48 mm: holds every infarct; divisible by 4 (tiny)
+RESAMPLED_ROI = RoiGeometry((12, 24, 24), (6.0, 2.0, 2.0))   # 72 x 48 x 48 mm on another grid: the resampled path
 FAST = SamplerConfig(name="ddim", num_steps=3)
 LABELS = [3, 4]
 CONFIG = CardiacPhantomConfig(num_cases=6, lesion_free_fraction=0.34, shape_zyx=(10, 48, 48), spacing_zyx=SPACING,
-                              mvo_fraction=1.0, seed=3)
+                              mvo_fraction=0.6, seed=3)          # 2 of the 4 infarcts hold an MVO core
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +55,56 @@ def checkpoint(cardiac, tmp_path_factory) -> Path:
                               region_label=2, progress=False)
 
 
+@pytest.fixture(scope="module")
+def resampled_checkpoint(cardiac, tmp_path_factory) -> Path:
+    """Same recipe, model ROI spacing (6, 2, 2) mm against data spacing (8, 1.5, 1.5) mm, border ring of 1."""
+    cfg = TrainConfig(preset="tiny", steps=4, batch_size=2, checkpoint_every=4, num_train_timesteps=20,
+                      texture_clusters=2, device="cpu", border_ring=1)
+    return train_lesion_model(load_raw_dataset(cardiac), LABELS, tmp_path_factory.mktemp("run_resampled"), cfg,
+                              RESAMPLED_ROI, region_label=2, progress=False)
+
+
 def _manifest(folder: Path) -> dict:
     return json.loads((folder / "phantom_manifest.json").read_text())
 
 
-def _lesion_case(folder: Path) -> dict:
-    return next(c for c in _manifest(folder)["cases"] if c["has_lesion"] and c["mvo_voxels"] > 0)
+def _lesion_case(folder: Path, mvo: bool = True) -> dict:
+    return next(c for c in _manifest(folder)["cases"] if c["has_lesion"] and (c["mvo_voxels"] > 0) == mvo)
 
 
 def _free_case(folder: Path) -> dict:
     return next(c for c in _manifest(folder)["cases"] if not c["has_lesion"])
+
+
+def _lv_region(label: np.ndarray) -> np.ndarray:
+    """The LV (cavity + wall) dilated in-plane: real or ellipsoid masks rarely fit another heart's thin wall."""
+    return ndimage.binary_dilation(np.isin(label, [1, 2]), structure=np.ones((1, 3, 3)), iterations=2)
+
+
+def _assert_nested(label: np.ndarray, core: bool = False) -> None:
+    """Class 4 (MVO) lies inside class 3 (infarct): never without it, each MVO piece touching infarct voxels.
+    ``core``: also a depth core, as ellipsoid masks promise (:func:`lefusion_nnunet.data.masks.nested_class_masks`):
+    never on the lesion's in-plane border, and deeper inside the lesion than the infarct voxels. (Real MVO is
+    subendocardial: it may reach the cavity side of the lesion, so real masks are checked without ``core``.)"""
+    lesion = np.isin(label, LABELS)
+    mvo = label == 4
+    if not mvo.any():
+        return
+    pieces, n = ndimage.label(lesion, structure=np.ones((3, 3, 3)))
+    for i in range(1, n + 1):
+        if mvo[pieces == i].any():
+            assert (label[pieces == i] == 3).any(), "an MVO without an infarct around it"
+    mvo_pieces, m = ndimage.label(mvo, structure=np.ones((3, 3, 3)))
+    for i in range(1, m + 1):
+        touch = ndimage.binary_dilation(mvo_pieces == i, structure=np.ones((3, 3, 3)))
+        assert (label[touch] == 3).any(), "an MVO piece that touches no infarct"
+    if not core:
+        return
+    cross = ndimage.generate_binary_structure(2, 1)[None]                        # in-plane 4-neighbourhood
+    on_border = ndimage.binary_dilation(mvo, structure=cross) & ~lesion
+    assert not on_border.any(), f"the MVO core reaches the lesion border at {on_border.sum()} voxel(s)"
+    depth = ndimage.distance_transform_edt(np.pad(lesion, 1), sampling=SPACING)[1:-1, 1:-1, 1:-1]
+    assert depth[mvo].mean() > depth[label == 3].mean(), "the MVO is the lesion's core"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -70,6 +115,7 @@ def test_cardiac_phantom_is_an_mr_dataset_with_two_nested_lesion_classes(cardiac
     cases = _manifest(cardiac)["cases"]
     assert any(not c["has_lesion"] for c in cases) and sum(c["has_lesion"] for c in cases) >= 2
     assert {c["infarct_texture"] for c in cases if c["has_lesion"]} == {"homogeneous", "patchy"}
+    assert {c["mvo_voxels"] > 0 for c in cases if c["has_lesion"]} == {True, False}, "some infarcts lack an MVO"
     blood_raw, blood_scaled = [], []
     space = IntensitySpace("percentile")
     for c in cases:
@@ -90,14 +136,18 @@ def test_cardiac_phantom_is_an_mr_dataset_with_two_nested_lesion_classes(cardiac
         touches_cavity = ndimage.binary_dilation(label == 1, structure=np.ones((1, 3, 3)))
         for z in np.flatnonzero(lesion.any((1, 2))):
             assert (lesion[z] & touches_cavity[z]).any(), "infarcts start at the endocardium"
-        infarct, mvo, myo = (scaled[label == v].mean() for v in (3, 4, 2))
+        infarct, myo = (scaled[label == v].mean() for v in (3, 2))
         assert infarct > myo + 0.5, "the infarct enhances"
-        assert mvo < infarct - 0.5, "the MVO core is dark"
-        # the MVO is nested: each MVO voxel touches infarct voxels (in-plane or through slices)
-        assert ndimage.binary_dilation(label == 4, structure=np.ones((3, 3, 3)))[label == 3].any()
-    # per-case gain: raw intensities differ a lot, percentile-scaled ones much less
+        assert (label == 4).any() == (c["mvo_voxels"] > 0)
+        if c["mvo_voxels"] == 0:
+            continue
+        assert scaled[label == 4].mean() < infarct - 0.5, "the MVO core is dark"
+        _assert_nested(label)                              # the MVO is the infarct's core
+    # per-case gain: raw intensities differ a lot, percentile-scaled ones less (relative spread). Not "much less":
+    # the upper percentile is set by the brightest tissue, the infarct, whose size differs between cases (an
+    # infarct without MVO core is larger), so scaled blood still varies with the lesion.
     assert max(blood_raw) / min(blood_raw) > 1.3
-    assert np.std(blood_scaled) < 0.5 * np.std(np.array(blood_raw) / np.mean(blood_raw) * np.mean(blood_scaled))
+    assert np.std(blood_scaled) / np.mean(blood_scaled) < np.std(blood_raw) / np.mean(blood_raw)
 
 
 def test_c2_model_trains_with_one_channel_per_class(checkpoint):
@@ -136,34 +186,81 @@ def test_loss_of_channel_c_sees_only_class_c_voxels(cardiac):
         assert masked_epsilon_loss(other, eps, masks) > loss + 0.1
 
 
-def test_c2_sampling_recomposes_labels_with_both_classes(cardiac, checkpoint, tmp_path):
-    case = _lesion_case(cardiac)
-    label, props = read_label(cardiac / case["label"])
-    mask_file = tmp_path / "mask.nii.gz"
+@pytest.mark.parametrize("mvo", [True, False], ids=["with_mvo", "infarct_only"])
+def test_c2_sampling_recomposes_labels_with_both_classes(cardiac, resampled_checkpoint, tmp_path, mvo):
+    """Resampled path (model spacing != data spacing): each class keeps its value where present, an absent class
+    stays absent, and the image changes only inside the generation region (mask + border ring)."""
     from lefusion_nnunet.data.io import write_label
 
+    case = _lesion_case(cardiac, mvo=mvo)
+    label, props = read_label(cardiac / case["label"])
+    assert (label == 4).any() == mvo
+    mask_file = tmp_path / "mask.nii.gz"
     write_label(np.where(np.isin(label, LABELS), label, 0), mask_file, props)
     host = np.where(np.isin(label, LABELS), 2, label)                      # the lesion-free version of the label
     host_file = tmp_path / "host.nii.gz"
     write_label(host, host_file, props)
-    synth = LesionSynthesizer(checkpoint, device="cpu", sampler=FAST)
+    synth = LesionSynthesizer(resampled_checkpoint, device="cpu", sampler=FAST)
+    assert tuple(synth.data.roi.spacing_zyx) != SPACING and synth.data.border_ring_voxels == 1
     written = synthesize_files(synth, [cardiac / case["image"]], mask_file, tmp_path / "out", host_file,
                                parse_textures(["3=cluster:0", "4=cluster:1"], LABELS), seed=2)
     out_label, _ = read_label(written["label"])
     for v in LABELS:
         np.testing.assert_array_equal(out_label == v, label == v)               # each class keeps its value
     np.testing.assert_array_equal(out_label[~np.isin(label, LABELS)], host[~np.isin(label, LABELS)])
+    _assert_nested(out_label)
     src = read_image([cardiac / case["image"]]).channel(0)
     new = read_image([Path(written["image_0000"])]).channel(0)
     union = np.isin(label, LABELS)
     masks = np.stack([label == v for v in LABELS])
     [region] = synth.generation_regions([LesionRequest(src, SPACING, masks)])  # the lesion and its border ring
-    assert region[union].all()
+    assert region[union].all() and (region & ~union).any(), "the ring reaches native voxels outside the mask"
     np.testing.assert_array_equal(new[~region], src[~region])
     assert (new[union] != src[union]).any()
     with pytest.raises(LeFusionInputError, match="none of the lesion labels"):
         write_label((label == 2).astype(np.uint8) * 7, mask_file, props)
         synthesize_files(synth, [cardiac / case["image"]], mask_file, tmp_path / "out2", seed=2)
+
+
+def test_ellipsoid_variants_come_out_nested_at_the_training_class_frequency(cardiac, resampled_checkpoint, tmp_path):
+    """The default mask source (ellipsoids) on the resampled path: every lesion is an infarct, an MVO core only as
+    often as the training lesions held one, always nested inside the infarct; only the generation region changes."""
+    from lefusion_nnunet.data.io import write_label
+
+    ds = load_raw_dataset(cardiac)
+    synth = LesionSynthesizer(resampled_checkpoint, device="cpu", sampler=FAST)
+    lesions = [c for c in _manifest(cardiac)["cases"] if c["has_lesion"]]
+    freq = class_frequencies(synth.checkpoint.training_summary, 2)
+    assert 0 < freq[1] < 1
+    assert freq[1] == pytest.approx(sum(c["mvo_voxels"] > 0 for c in lesions) / len(lesions))
+    free = [c["case_id"] for c in _manifest(cardiac)["cases"] if not c["has_lesion"]]
+    (tmp_path / "regions").mkdir()
+    for case_id in free:
+        src_label, props = read_label(ds.case(case_id).label)
+        write_label(_lv_region(src_label).astype(np.uint8), tmp_path / "regions" / f"{case_id}.nii.gz", props)
+    settings = VariantSettings(per_case=4, mask_source="ellipsoid", size_mm=(14.0, 20.0),
+                               region_masks_dir=str(tmp_path / "regions"), textures=("3=random", "4=random"),
+                               seed=4)
+    cases = [c for cs, _ in make_variants(synth, ds, free, settings) for c in cs]
+    assert len(cases) >= 6, "most variants fit"
+    with_mvo = []
+    for case in cases:
+        src = read_image(ds.case(case.source_case).images).channel(0)
+        src_label, _ = read_label(ds.case(case.source_case).label)
+        lab, new = case.label, case.channels[0]
+        lesion = np.isin(lab, LABELS)
+        assert (lab == 3).any(), "every lesion has its outer class"
+        _assert_nested(lab, core=True)
+        with_mvo.append(bool((lab == 4).any()))
+        assert (4 in case.provenance["mask"]["classes"]) == with_mvo[-1]
+        assert case.provenance["class_voxels"] == {"3": int((lab == 3).sum()), "4": int((lab == 4).sum())}
+        np.testing.assert_array_equal(lab[~lesion], src_label[~lesion])
+        masks = np.stack([lab == v for v in LABELS])
+        [region] = synth.generation_regions([LesionRequest(src, SPACING, masks)])
+        assert region[lesion].all() and (region & ~lesion).any()
+        np.testing.assert_array_equal(new[~region], src[~region])           # bit-identical outside the region
+        assert (new[lesion] != src[lesion]).any()
+    assert any(with_mvo) and not all(with_mvo), f"MVO cores should follow the training frequency {freq[1]}"
 
 
 class _ChannelSeparable(torch.nn.Module):
@@ -212,16 +309,16 @@ def test_per_class_texture_changes_only_that_class(cardiac, checkpoint):
     np.testing.assert_array_equal(outs[0][~outer], outs[1][~outer])  # and everything else
 
 
-def test_enlarge_path_with_real_masks_keeps_both_classes(cardiac, checkpoint, tmp_path):
+def test_enlarge_path_with_real_masks_keeps_both_classes(cardiac, resampled_checkpoint, tmp_path):
     """Real (translated) infarct masks rarely fit another heart's thin wall, so the allowed region here is the
     LV (cavity + wall, dilated); `--mask-source diffusion` makes masks that follow the wall (test_mask_diffusion)."""
     from lefusion_nnunet.data.io import write_label
 
     ds = load_raw_dataset(cardiac)
-    synth = LesionSynthesizer(checkpoint, device="cpu", sampler=FAST)
+    synth = LesionSynthesizer(resampled_checkpoint, device="cpu", sampler=FAST)
     free = _free_case(cardiac)["case_id"]
     src_label, props = read_label(ds.case(free).label)
-    lv = ndimage.binary_dilation(np.isin(src_label, [1, 2]), structure=np.ones((1, 3, 3)), iterations=2)
+    lv = _lv_region(src_label)
     (tmp_path / "regions").mkdir()
     write_label(lv.astype(np.uint8), tmp_path / "regions" / f"{free}.nii.gz", props)
     settings = VariantSettings(per_case=1, mask_source="real", size_mm=(14.0, 18.0),
@@ -231,7 +328,13 @@ def test_enlarge_path_with_real_masks_keeps_both_classes(cardiac, checkpoint, tm
     assert len(cases) == 1
     lab = cases[0].label
     lesion = np.isin(lab, LABELS)
-    assert (lab == 3).any() and (lab == 4).any(), "the label output carries each class's value"
+    source = next(c for c in _manifest(cardiac)["cases"] if c["case_id"] == cases[0].provenance["mask"]["case"])
+    assert (lab == 3).any(), "the label output carries the outer class's value"
+    assert (lab == 4).any() == (source["mvo_voxels"] > 0), "the real lesion's MVO core comes along, or none"
+    _assert_nested(lab)
     assert lv[lesion].all()
     np.testing.assert_array_equal(lab[~lesion], src_label[~lesion])
     assert cases[0].provenance["class_voxels"] == {"3": int((lab == 3).sum()), "4": int((lab == 4).sum())}
+    src = read_image(ds.case(free).images).channel(0)
+    [region] = synth.generation_regions([LesionRequest(src, SPACING, np.stack([lab == v for v in LABELS]))])
+    np.testing.assert_array_equal(cases[0].channels[0][~region], src[~region])

@@ -6,8 +6,8 @@ import pytest
 from scipy import ndimage
 
 from lefusion_nnunet.errors import LeFusionInputError
-from lefusion_nnunet.realism import (CHEST_WINDOW_HU, FEATURES, LesionStats, discriminator_auc, lesion_statistics,
-                                     realism_summary, split_lesions)
+from lefusion_nnunet.evaluation.realism import (CHEST_WINDOW_HU, FEATURES, LesionStats, discriminator_auc,
+                                                lesion_statistics, realism_summary, split_lesions)
 
 BACKGROUND, LESION = -850.0, 0.0
 

@@ -288,7 +288,7 @@ def import_release_checkpoint(path: Path | str, kind: str, weights: str = "model
                                "region_hint": False, "reference_mm": reference_mm(roi)}
     data = DataConfig(dataset_name=f"LeFusionRelease_{kind}", lesion_labels=labels, label_names=names,
                       region_label=None, channel=0, modality=facts.modality, roi=roi, intensity=facts.intensity,
-                      extra=extra)
+                      extra=extra, border_ring_voxels=0)       # the release generates exactly the mask
     content = {"kind": facts.checkpoint_kind,
                "model_config": {"architecture": facts.architecture, **config.to_dict()},
                "schedule_config": schedule_config.to_dict(), "data_config": data.to_dict(),

@@ -15,11 +15,11 @@ def add_seed(p: argparse.ArgumentParser, default: int = 0) -> None:
     p.add_argument("--seed", type=int, default=default, help=f"random seed (default: {default})")
 
 
-def add_training_run_args(p: argparse.ArgumentParser) -> None:
+def add_training_run_args(p: argparse.ArgumentParser, steps: int = 2000, batch_size: int = 4) -> None:
     """Options every diffusion training command shares (`lefusion train`, `lefusion train-mask`): how long,
     how big a step, when to save, and what to do with an existing run folder; plus --device and --seed."""
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
-    p.add_argument("--batch-size", type=int, default=4, help="ROIs per step (default: 4)")
+    p.add_argument("--steps", type=int, default=steps, help=f"training steps (default: {steps})")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"ROIs per step (default: {batch_size})")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget: stop (and save) after this many minutes even if --steps is not reached")
@@ -36,7 +36,7 @@ def add_sampler(p: argparse.ArgumentParser) -> None:
                    help="ddim: fast inpainting sampler (default); repaint: paper-faithful RePaint with jumps; "
                         "dpmpp2m: DPM-Solver++ 2M, few steps (see README for how it compares)")
     g.add_argument("--steps", dest="sampler_steps", type=int, default=None,
-                   help="denoising steps = network evaluations of ddim / dpmpp2m (default: 25 / 10)")
+                   help="denoising steps = network evaluations of ddim / dpmpp2m (default: 10 / 10)")
     g.add_argument("--jump-length", type=int, default=None, help="RePaint jump length j (default: 2)")
     g.add_argument("--jump-n-sample", type=int, default=None, help="RePaint resampling count r (default: 2)")
     g.add_argument("--guidance", type=float, default=1.0,

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     t = _step(f"2/5 lesion model ({args.preset}, {args.steps} steps)")
     checkpoint = train_lesion_model_on_dataset(SOURCE_ID, [2], TrainConfig(preset=args.preset, steps=args.steps,
-                                                                          device=args.device),
+                                                                          batch_size=4, device=args.device),
                                                roi_size_zyx=(16, 32, 32), region_label=1)
     print(f"checkpoint: {checkpoint}")
     timings["train"] = time.perf_counter() - t

@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--border-ring", type=int, default=1,
                    help="model voxels generated around each lesion, where real lesions end in partial-volume blur "
                         "outside their labels; voxels beyond it stay bit-identical (default: 1; 0 = the mask only)")
-    add_training_run_args(p)
+    add_training_run_args(p, steps=4000, batch_size=8)  # TrainConfig's defaults (importing it would import torch)
     p.set_defaults(func=run)
 
 

@@ -117,7 +117,7 @@ class HeadAttention(nn.Module):
 
 def _rotate(x: Tensor, rotation: Tensor) -> Tensor:
     """Rotary embedding of (N, h, L, d) along L: feature pairs (2j, 2j + 1) of the first r features times
-    the complex ``rotation`` (L, r / 2); one pass, output contiguous."""
+    the complex ``rotation`` (L, r / 2), i.e. (a, b) -> (a cos - b sin, b cos + a sin), in one pass."""
     r = 2 * rotation.shape[-1]
     pairs = x[..., :r] if x.dtype == torch.float32 else x[..., :r].float()
     turned = torch.view_as_real(torch.view_as_complex(pairs.unflatten(-1, (r // 2, 2))) * rotation)

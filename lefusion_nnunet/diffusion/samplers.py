@@ -357,6 +357,6 @@ _SAMPLERS = {"ddim": DDIMInpaintSampler, "repaint": RePaintSampler, "dpmpp2m": D
 
 
 def make_sampler(config: SamplerConfig | None = None) -> InpaintingSampler:
-    """The sampler named by ``config.name`` (default: DDIM, 25 steps)."""
+    """The sampler named by ``config.name`` (default: DDIM, 10 steps)."""
     config = config or SamplerConfig()
     return _SAMPLERS[config.name](config)
