@@ -11,7 +11,8 @@ Arms, each made with the ``lefusion`` command (subprocess, so the benchmark uses
 ``lefusion`` (``lefusion enlarge`` defaults: DDIM sampler, ellipsoid masks), ``lefusion_repaint_j2_r2``
 (``--sampler repaint --jump-length 2 --jump-n-sample 2``) and ``copy_paste`` (``--method copy-paste
 --mask-source real``); on request (``--arms``) the 10-evaluation samplers ``lefusion_ddim10`` (``--steps 10``) and
-``lefusion_dpmpp2m10`` (``--sampler dpmpp2m --steps 10``).
+``lefusion_dpmpp2m10`` (``--sampler dpmpp2m --steps 10``), and the earlier deterministic defaults
+``lefusion_ddim10_eta0`` / ``lefusion_ddim25_eta0``.
 
 Datasets:
 
@@ -22,9 +23,10 @@ Datasets:
   mean histogram is nearest).
 * ``real-ct``: the two chest CTs with tumour labels in the pyradiomics 3.0.1 source distribution (5 mm slices,
   0.57-0.63 mm in-plane), read from ``--real-data-dir`` (get them as printed when missing; kept out of the
-  repository). The model is trained on both tumours (ROI ``--real-roi`` at ``--real-spacing``: the default
-  geometry does not fit the 45 mm tumour), lesions are placed with ``--cases-from all`` inside the lung region,
-  passed as ``--region-masks``. Only two real lesions exist and they are the training lesions, not held out.
+  repository). The model is trained on both tumours with ``lefusion train``'s defaults (the ROI planned in mm
+  from the tumours; ``--real-roi`` / ``--real-spacing`` override it), lesions are placed with ``--cases-from all``
+  and ``lefusion enlarge --auto-region lung``. Only two real lesions exist and they are the training lesions, not
+  held out.
 
     python benchmarks/realism.py phantom --minutes 5 --out benchmarks/results/realism_phantom.json
     python benchmarks/realism.py real-ct --minutes 5 --real-data-dir ~/.cache/lefusion_realdata \\
@@ -57,8 +59,11 @@ ARMS = {"lefusion": [],
         "lefusion_repaint_j2_r2": ["--sampler", "repaint", "--jump-length", "2", "--jump-n-sample", "2"],
         "copy_paste": ["--method", "copy-paste", "--mask-source", "real"],
         "lefusion_ddim10": ["--sampler", "ddim", "--steps", "10"],
-        "lefusion_dpmpp2m10": ["--sampler", "dpmpp2m", "--steps", "10"]}
-ARM_IDS = {"lefusion": 1, "lefusion_repaint_j2_r2": 2, "copy_paste": 3, "lefusion_ddim10": 4, "lefusion_dpmpp2m10": 5}
+        "lefusion_dpmpp2m10": ["--sampler", "dpmpp2m", "--steps", "10"],
+        "lefusion_ddim10_eta0": ["--sampler", "ddim", "--steps", "10", "--eta", "0"],
+        "lefusion_ddim25_eta0": ["--sampler", "ddim", "--steps", "25", "--eta", "0"]}
+ARM_IDS = {"lefusion": 1, "lefusion_repaint_j2_r2": 2, "copy_paste": 3, "lefusion_ddim10": 4, "lefusion_dpmpp2m10": 5,
+           "lefusion_ddim10_eta0": 6, "lefusion_ddim25_eta0": 7}
 REAL_FILES = ("lung1_image.nrrd", "lung1_label.nrrd", "lung2_image.nrrd", "lung2_label.nrrd")
 GET_REAL = ("pip download --no-deps --no-build-isolation pyradiomics==3.0.1 -d {d} && tar xzf "
             "{d}/pyradiomics-3.0.1.tar.gz -C {d} --strip-components=2 --wildcards 'pyradiomics-3.0.1/data/lung*'")
@@ -219,9 +224,11 @@ def prepare_real(args, env, raw: Path, work: Path) -> dict:
             {"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumour": 1}, "numTraining": 2,
              "file_ending": ".nrrd", "name": ds.name,
              "description": "pyradiomics 3.0.1 sdist data/lung1, lung2 (chest CT, tumour labels)"}, indent=2))
-    return {"train": ["-d", str(REAL_ID), "--lesion-label", "1", "--roi-size", *map(str, args.real_roi),
-                      "--spacing", *map(str, args.real_spacing)], "lesion_label": 1, "lung_label": None,
-            "enlarge": ["--cases-from", "all", "--region-masks", str(regions)]}
+    geometry = [] if args.real_roi is None else ["--roi-size", *map(str, args.real_roi)]
+    geometry += [] if args.real_spacing is None else ["--spacing", *map(str, args.real_spacing)]
+    placement = ["--auto-region", "lung"] if args.real_region == "auto-lung" else ["--region-masks", str(regions)]
+    return {"train": ["-d", str(REAL_ID), "--lesion-label", "1", *geometry], "lesion_label": 1, "lung_label": None,
+            "enlarge": ["--cases-from", "all", *placement]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -231,8 +238,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", type=Path, default=Path("~/.cache/lefusion_realism").expanduser(),
                    help="work folder (nnU-Net raw/results); finished steps are reused (default ~/.cache/...)")
     p.add_argument("--real-data-dir", default="~/.cache/lefusion_realdata")
-    p.add_argument("--real-roi", type=int, nargs=3, default=(64, 64, 16), metavar=("X", "Y", "Z"))
-    p.add_argument("--real-spacing", type=float, nargs=3, default=(1.25, 1.25, 5.0), metavar=("X", "Y", "Z"))
+    p.add_argument("--real-roi", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="real CT: model ROI in voxels (default: lefusion train's plan from the tumours)")
+    p.add_argument("--real-spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="real CT: model spacing in mm (default: lefusion train's)")
+    p.add_argument("--real-region", choices=["auto-lung", "masks"], default="auto-lung",
+                   help="real CT placement: enlarge --auto-region lung (default), or the same lung regions passed "
+                        "as --region-masks")
     p.add_argument("--per-case", type=int, default=3, help="variants per source case (DDIM, copy-paste)")
     p.add_argument("--repaint-per-case", type=int, default=1, help="variants per source case for RePaint")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["lefusion", "lefusion_repaint_j2_r2", "copy_paste"])

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import emit
+from _common import emit, parse_sampler
 from torch.utils.flop_counter import FlopCounterMode
 
 from lefusion_nnunet.checkpoints.loaders import LoadedCheckpoint
@@ -38,7 +38,6 @@ from lefusion_nnunet.data.intensity import IntensitySpace
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.diffusion import (DenoiserConfig, LesionDenoiser, NoiseSchedule, SamplerConfig, ScheduleConfig,
                                        make_sampler)
-from lefusion_nnunet.diffusion.sampler_config import SAMPLER_NAMES
 from lefusion_nnunet.seeding import seeded_generator
 from lefusion_nnunet.synthesis.lesion import LesionRequest, LesionSynthesizer
 
@@ -65,22 +64,6 @@ def median_time(fn, repeats: int, sync) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def parse_sampler(text: str) -> SamplerConfig:
-    """``NAME[:STEPS][:SPACING][:eta=X]`` -> SamplerConfig (missing parts: the sampler's defaults)."""
-    name, *rest = text.split(":")
-    if name not in SAMPLER_NAMES:
-        raise argparse.ArgumentTypeError(f"unknown sampler {name!r} (valid: {', '.join(SAMPLER_NAMES)})")
-    kwargs: dict = {"name": name}
-    for token in rest:
-        if token.isdigit():
-            kwargs["num_steps"] = int(token)
-        elif token.startswith("eta="):
-            kwargs["eta"] = float(token[4:])
-        else:
-            kwargs["timestep_spacing"] = token
-    return SamplerConfig(**kwargs)
 
 
 def sampler_loop_seconds(ckpt: LoadedCheckpoint, sampler: SamplerConfig, batch: int, dev: str, repeats: int,

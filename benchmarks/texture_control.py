@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import emit
+from _common import emit, parse_sampler
 
 from lefusion_nnunet.checkpoints.loaders import load_lesion_checkpoint
 from lefusion_nnunet.data.dataset import load_raw_dataset
@@ -84,21 +84,6 @@ def score_sampler(ckpt, dataset, free_cases: list[str], sampler: SamplerConfig, 
             "per_prototype": per_k, "seconds_per_lesion": seconds / max(n_lesions, 1),
             "network_evaluations_per_lesion": make_sampler(sampler).num_network_evaluations(
                 ckpt.schedule.num_train_timesteps) * (2 if guidance != 1.0 else 1)}
-
-
-def parse_sampler(item: str) -> SamplerConfig:
-    """``NAME[:STEPS][:SPACING][:eta=X]``, e.g. ``dpmpp2m:10:quadratic:eta=1`` -> SamplerConfig (missing parts:
-    the sampler's defaults)."""
-    name, *rest = item.strip().split(":")
-    kwargs: dict = {"name": name}
-    for token in rest:
-        if token.isdigit():
-            kwargs["num_steps"] = int(token)
-        elif token.startswith("eta="):
-            kwargs["eta"] = float(token[4:])
-        else:
-            kwargs["timestep_spacing"] = token
-    return SamplerConfig(**kwargs)
 
 
 def parse_samplers(text: str) -> list[SamplerConfig]:

@@ -270,7 +270,7 @@ def _build_fn(tiny, case_ids=("case003", "case004"), per_case=2):
             folder, synthesizer_factory=lambda: object(), raw_dataset=load_raw_dataset(DATASET),
             case_ids=list(case_ids), variant_settings=variants_mod.VariantSettings(per_case=per_case),
             plans_manager=pm, configuration_manager=pm.get_configuration("3d_fullres"), dataset_json=djson,
-            dataset_class=nnUNetDatasetBlosc2, log=lambda m: None)
+            dataset_class=nnUNetDatasetBlosc2, preprocessed_folder=tiny["data"], log=lambda m: None)
     return build
 
 
@@ -310,17 +310,25 @@ def test_bank_matches_nnunet_preprocessing_and_is_reused(tiny):
     assert manifest["spec"]["case_ids"] == ["case003", "case004"]
     assert manifest["variants"]["case003_lefusion001"]["provenance"]["center"] == [9, 12, 11]
 
+    assert sorted(p.name for p in bank.folder.iterdir()) == sorted(
+        [f"{v}.npz" for v in manifest["variants"]] + ["bank.json"])  # patches only, no full cases
+    for vid, entry in manifest["variants"].items():  # no resampling here: the patch is the painted 3^3 cube
+        case_bytes = sum((tiny["data"] / f"{entry['source_case']}{s}").stat().st_size  # what format 1 stored
+                         for s in (".b2nd", "_seg.b2nd", ".pkl"))
+        assert np.prod(np.diff(entry["bbox"], axis=1)) == 27 and entry["patch_bytes"] < 0.1 * case_bytes, (
+            entry["patch_bytes"], case_bytes)
     real = nnUNetDatasetBlosc2(str(tiny["data"]), ["case003"])
-    synth = nnUNetDatasetBlosc2(str(bank.folder), ["case003_lefusion000"])
+    swap = SyntheticSwapDataset(real, bank, 1.0)
     d_real, s_real, _, p_real = real.load_case("case003")
-    d_syn, s_syn, _, p_syn = synth.load_case("case003_lefusion000")
+    d_syn, s_syn, _, p_syn = swap.load_variant("case003_lefusion000")
     d_real, s_real, d_syn, s_syn = (np.asarray(a[:]) for a in (d_real, s_real, d_syn, s_syn))
     assert d_syn.shape == d_real.shape and d_syn.dtype == np.float32 and s_syn.dtype == s_real.dtype
     lesion = s_syn[0] == 2
     assert lesion.sum() == 27 and not (s_real == 2).any()
     assert len(p_syn["class_locations"][2]) > 0 and p_syn["lefusion_source_case"] == "case003"
+    assert all(s_syn[0][tuple(loc[1:])] == 2 for loc in p_syn["class_locations"][2])
     # same preprocessing as nnU-Net's: identical outside the painted lesion, lesion intensity as for 30 HU
-    np.testing.assert_allclose(d_syn[0][~lesion], d_real[0][~lesion], atol=1e-5)
+    np.testing.assert_array_equal(d_syn[0][~lesion], d_real[0][~lesion])
     np.testing.assert_array_equal(s_syn[0][~lesion], s_real[0][~lesion])
     assert (d_syn[0][lesion] > d_real[0][lesion] + 1).all()
 
@@ -342,7 +350,7 @@ def test_interrupted_build_leaves_nothing_and_is_redone(tiny):
     tiny["calls"].fail_after = None
     bank = bank_mod.ensure_bank(spec, root, _build_fn(tiny), log=lambda m: None)
     assert bank.built and bank.num_variants == 4 and not (bank.folder / "junk.b2nd").exists()
-    (bank.folder / "case003_lefusion000.pkl").unlink()  # damaged bank -> rebuilt
+    (bank.folder / "case003_lefusion000.npz").unlink()  # damaged bank -> rebuilt
     assert bank_mod.SyntheticBank.load(bank.folder, spec.key) is None
     assert bank_mod.ensure_bank(spec, root, _build_fn(tiny), log=lambda m: None).built
 
@@ -370,7 +378,7 @@ def _swap_dataset(tiny, probability, log=None):
     root = tiny["pre"] / bank_mod.BANK_FOLDER
     bank = bank_mod.ensure_bank(_spec(tiny), root, _build_fn(tiny), log=lambda m: None)
     real = nnUNetDatasetBlosc2(str(tiny["data"]), ["case000", "case001", "case003", "case004"])
-    return SyntheticSwapDataset(real, bank, nnUNetDatasetBlosc2, probability, log)
+    return SyntheticSwapDataset(real, bank, probability, log)
 
 
 def _draw_in_child(dataset, n, queue):

@@ -48,7 +48,7 @@ def test_config_defaults_validation_and_round_trip():
     assert isinstance(make_sampler(cfg), DPMSolverInpaintSampler)
     # a checkpoint's sampler_defaults written before timestep_spacing existed still loads, as before
     assert SamplerConfig.from_dict({"name": "ddim", "num_steps": 25, "eta": 0.0, "jump_length": 2,
-                                    "jump_n_sample": 2, "resample_steps": 0}) == SamplerConfig(num_steps=25)
+                                    "jump_n_sample": 2, "resample_steps": 0}) == SamplerConfig(num_steps=25, eta=0.0)
     for bad in (dict(eta=1.5), dict(resample_steps=1), dict(timestep_spacing="karras"), dict(num_steps=0)):
         with pytest.raises(LeFusionInputError):
             SamplerConfig(name="dpmpp2m", **bad)
@@ -206,7 +206,8 @@ def test_first_order_step_is_ddim_eta0(level, prev_level):
     eps, mask = 3 * torch.randn(2, 1, *S, generator=g), _ball(5)[None, None].expand(2, 1, *S)
     a = DPMSolverInpaintSampler(DPM).step(eps, level, prev_level, x, known, mask, schedule,
                                           torch.Generator().manual_seed(1))
-    b = DDIMInpaintSampler().step(eps, level, prev_level, x, known, mask, schedule, torch.Generator().manual_seed(1))
+    b = DDIMInpaintSampler(SamplerConfig(name="ddim", eta=0.0)).step(eps, level, prev_level, x, known, mask, schedule,
+                                                                     torch.Generator().manual_seed(1))
     torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample)
     inside = mask.expand_as(x)   # DDIM draws its (eta = 0) step noise first, so the backgrounds' noise differs
     torch.testing.assert_close(a.prev_sample[inside], b.prev_sample[inside], atol=1e-4, rtol=1e-4)

@@ -22,7 +22,7 @@ from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
 from lefusion_nnunet.utils import sha256_file
 
 #: Sampler written into mask checkpoints as their default.
-DEFAULT_MASK_SAMPLER = SamplerConfig(name="ddim", num_steps=10)
+DEFAULT_MASK_SAMPLER = SamplerConfig(name="ddim", num_steps=10, eta=0.0)
 
 
 def checkpoint_data_config(path: Path | str, expected_kind: str | None = None) -> DataConfig:

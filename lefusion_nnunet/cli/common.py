@@ -37,6 +37,9 @@ def add_sampler(p: argparse.ArgumentParser) -> None:
                         "dpmpp2m: DPM-Solver++ 2M, few steps (see README for how it compares)")
     g.add_argument("--steps", dest="sampler_steps", type=int, default=None,
                    help="denoising steps = network evaluations of ddim / dpmpp2m (default: 10 / 10)")
+    g.add_argument("--eta", type=float, default=None,
+                   help="ddim / dpmpp2m stochasticity in [0, 1]: 0 deterministic, 1 fresh noise every step "
+                        "(default: ddim 1, dpmpp2m 0)")
     g.add_argument("--jump-length", type=int, default=None, help="RePaint jump length j (default: 2)")
     g.add_argument("--jump-n-sample", type=int, default=None, help="RePaint resampling count r (default: 2)")
     g.add_argument("--guidance", type=float, default=1.0,
@@ -54,6 +57,8 @@ def sampler_overrides(args: argparse.Namespace) -> dict:
         out["name"] = args.sampler
     if args.sampler_steps is not None:
         out["num_steps"] = args.sampler_steps
+    if args.eta is not None:
+        out["eta"] = args.eta
     if args.jump_length is not None:
         out["jump_length"] = args.jump_length
     if args.jump_n_sample is not None:

@@ -270,7 +270,8 @@ def nested_class_masks(shape_zyx: np.ndarray, spacing_zyx: Spacing, frequencies:
     training lesions hold that class). Returns disjoint bool masks ``(C, Z, Y, X)``, each voxel in the innermost
     class it lies in, and the depth fraction of each inner class (None: absent).
     """
-    depth = ndimage.distance_transform_edt(shape_zyx, sampling=_check_spacing(spacing_zyx))
+    # padded: where the shape touches its bounding box, depth is measured to the background just outside it
+    depth = ndimage.distance_transform_edt(np.pad(shape_zyx, 1), sampling=_check_spacing(spacing_zyx))[1:-1, 1:-1, 1:-1]
     top = float(depth.max())
     masks = np.zeros((len(frequencies), *shape_zyx.shape), bool)
     masks[0] = shape_zyx

@@ -213,11 +213,10 @@ class LinearAttentionBlock(nn.Module):
             tokens = F.layer_norm(part.permute(0, 2, 3, 4, 1), (c,), norm.gamma.reshape(-1), None,
                                   norm.eps).reshape(s, n, c)
             q = F.linear(tokens, w_q).view(s, n, h, d).softmax(dim=-1)                # (S, n, h, d)
-            k = F.linear(tokens, w_k).softmax(dim=1)                                  # (S, n, hd)
-            v = F.linear(tokens, w_v)
-            # all head pairs in one product (as fast here as per-head products), then the diagonal blocks
-            context = torch.bmm(k.transpose(1, 2), v).view(s, h, d, h, d)
-            context = torch.diagonal(context, dim1=1, dim2=3).permute(0, 3, 1, 2)       # (S, h, d, e)
+            # k and v feature-major, (S, h, d, n): the softmax over positions runs along rows, k^T v is batched
+            k_t = torch.matmul(w_k, tokens.transpose(1, 2)).softmax(dim=-1).view(s, h, d, n)
+            v_t = torch.matmul(w_v, tokens.transpose(1, 2)).view(s, h, d, n)
+            context = torch.matmul(k_t, v_t.transpose(-1, -2))                         # (S, h, d, e)
             mixed = torch.matmul(context, w_out_heads)                                # (S, h, d, C)
             update = torch.baddbmm(p.to_out.bias, q.reshape(s, n, hd), mixed.reshape(s, hd, c))
             torch.add(part, update.view(b, -1, y, w, c).permute(0, 4, 1, 2, 3), out=out[:, :, z0:z0 + step])

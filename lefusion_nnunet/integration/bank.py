@@ -1,36 +1,33 @@
-"""The synthetic bank of ``LeFusionTrainer``: variants of lesion-free training cases, preprocessed by nnU-Net.
+"""The synthetic bank of ``LeFusionTrainer``: lesion patches of variants of lesion-free training cases.
 
 At training start the trainer makes K synthetic variants of every lesion-free case of the current fold's
-*training* split (:func:`lefusion_nnunet.variants.make_variants`, the same path as ``lefusion enlarge``),
-writes them as temporary raw files in the source's geometry and pixel type, runs nnU-Net's own preprocessor
-of the run's plans/configuration on them (``DefaultPreprocessor.run_case``) and saves them with the
-dataset class's ``save_case`` (b2nd + pkl in nnU-Net 2.8), i.e. exactly as ``nnUNetv2_preprocess`` would have
-stored them. The bank lives in::
+*training* split (:func:`lefusion_nnunet.variants.make_variants`, the same path as ``lefusion enlarge``).
+Each native variant is preprocessed in memory by nnU-Net's own preprocessor of the run's plans/configuration
+(``run_case_npy`` on the image cast to the source's pixel type, with the plans' reader's properties: the
+numbers of writing the variant to files and running ``run_case``), compared with the source case as nnU-Net
+stored it, and only the bounding box of what differs is kept (a ``swap_dataset.Patch``). The bank lives in::
 
     $nnUNet_preprocessed/<Dataset>/lefusion_bank/<configuration>_fold<F>_<hash>/
-        <source>_lefusion000.b2nd, <source>_lefusion000_seg.b2nd, <source>_lefusion000.pkl, ...
-        bank.json        manifest: key inputs, variant -> source case, provenance, warnings
+        <source>_lefusion000.npz, <source>_lefusion001.npz, ...
+        bank.json        manifest: key inputs, variant -> source case, patch bbox and size, provenance, warnings
 
-``<hash>`` covers everything the bank's content depends on (:class:`BankSpec`): the checkpoint file's
-SHA-256, the variant settings, the fold, the plans + configuration + dataset.json, the lesion labels and the
-sorted list of source cases. The next run (or ``--c``) with the same inputs reuses the bank; any change
-makes a new one. The probability P, the device and the synthesizer batch size do not enter the key (they
-change how often variants are used, or the numerics only). Old banks are never used again and may be deleted.
+``<hash>`` covers everything the bank's content depends on (:class:`BankSpec`, format version included, so
+full-case banks of format 1 are ignored): the checkpoint's SHA-256, the variant settings, the fold, the plans +
+configuration + dataset.json, the lesion labels and the sorted source cases. The next run (or ``--c``) with the
+same inputs reuses the bank; any change makes a new one (P, device and batch size do not enter the key).
 
 A build happens in a ``.<key>.partial`` sibling folder renamed into place when complete (an interrupted build
 leaves nothing that is ever read), under a file lock (two runs never build the same bank at once). With
 DDP only rank 0 builds; the other ranks wait for the manifest.
 
-:class:`~lefusion_nnunet.integration.swap_dataset.SyntheticSwapDataset` wraps nnU-Net's
-training dataset so that ``load_case(source)`` returns one of the source's variants with probability P, and
-records each load in a draws log.
+At training time :class:`~lefusion_nnunet.integration.swap_dataset.SyntheticSwapDataset` pastes the patches.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -39,8 +36,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from lefusion_nnunet.data.io import read_image, read_label, write_image_channel, write_label
+from lefusion_nnunet.data.io import _to_dtype, read_image, read_label
 from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.integration.swap_dataset import PATCH_SUFFIX, Patch, difference_patch, save_patch
 from lefusion_nnunet.synthesis.lesion import LesionSynthesizer
 from lefusion_nnunet.utils import atomic_directory, atomic_write_json
 from lefusion_nnunet.variants import make_variants as _make_variants
@@ -48,7 +46,7 @@ from lefusion_nnunet.variants import make_variants as _make_variants
 BANK_FOLDER = "lefusion_bank"
 MANIFEST_NAME = "bank.json"
 FORMAT = "lefusion-bank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: full preprocessed cases (ignored since)
 DRAWS_LOG_NAME = "lefusion_draws.log"
 
 
@@ -185,8 +183,7 @@ class SyntheticBank:
             return None
         by_source: dict[str, list[str]] = {}
         for vid, entry in sorted(manifest.get("variants", {}).items()):
-            has_data = (folder / f"{vid}.b2nd").is_file() or (folder / f"{vid}.npz").is_file()
-            if not (has_data and (folder / f"{vid}.pkl").is_file()):
+            if not (folder / f"{vid}{PATCH_SUFFIX}").is_file():
                 return None
             by_source.setdefault(entry["source_case"], []).append(vid)
         return cls(folder=folder, key=manifest["key"], variants_by_source=by_source, manifest=manifest,
@@ -278,87 +275,105 @@ def ensure_bank(spec: BankSpec, root: Path | str, build: BuildFn, *, rank: int =
 
 def make_synthesizer(checkpoint: Path | str, variants: Any, device: str, batch_size: int):
     """The lesion synthesizer for the bank: checkpoint defaults, overridden by ``variants.sampler``."""
-
     return LesionSynthesizer.from_checkpoint(checkpoint, device, getattr(variants, "sampler", None),
                                              getattr(variants, "guidance_scale", 1.0), batch_size)
 
 
 def make_variants(synth, raw_dataset, case_ids: list[str], settings):
     """:func:`lefusion_nnunet.variants.make_variants` (a seam tests replace)."""
-
     return _make_variants(synth, raw_dataset, case_ids, settings)
 
 
-class _Preprocessor:
-    """Writes one synthetic case as temporary raw files and stores nnU-Net's preprocessing of it."""
+def _label_dtype(label: np.ndarray, properties: dict) -> str:
+    """The pixel type :func:`lefusion_nnunet.data.io.write_label` would write ``label`` with."""
+    dtype = properties.get("source_dtype") or ("uint8" if int(np.max(label)) < 256 else "uint16")
+    if np.dtype(dtype).kind == "f":
+        dtype = "uint8" if int(np.max(label)) < 256 else "uint16"
+    return dtype
 
-    def __init__(self, raw_dataset, plans_manager, configuration_manager, dataset_json: dict, dataset_class):
-        self.raw = raw_dataset
-        self.plans_manager = plans_manager
-        self.configuration_manager = configuration_manager
-        self.dataset_json = dataset_json
-        self.dataset_class = dataset_class
+
+class _PatchMaker:
+    """nnU-Net's preprocessing of one synthetic case in memory, reduced to the patch where it differs from the
+    source's stored preprocessed case.
+
+    The native variant is cast exactly as the NIfTI writer would store it (source pixel type, then read back
+    as float32), given the plans' reader's properties of the source files and run through the configuration's
+    preprocessor (``run_case_npy``): the same numbers as writing the variant to files and running
+    ``run_case`` on them, without the files. The full case is resampled; only the difference is kept.
+    """
+
+    def __init__(self, raw_dataset, plans_manager, configuration_manager, dataset_json: dict, source_dataset):
+        self.raw, self.plans_manager, self.configuration_manager = raw_dataset, plans_manager, configuration_manager
+        self.dataset_json, self.source_dataset = dataset_json, source_dataset
         self.preprocessor = configuration_manager.preprocessor_class(verbose=False)
-        self._ref_case: str | None = None
-        self._ref = None
+        self._source: dict = {}
 
-    def _reference(self, source_case: str):
-
-        if self._ref_case != source_case:
-            files = self.raw.case(source_case)
-            if files.label is None:
-                raise LeFusionInputError(f"case {source_case} of {self.raw.folder} has no label file; every "
-                                         f"training case needs one.")
-            image = read_image(files.images)
-            _, label_props = read_label(files.label)
-            self._ref_case, self._ref = source_case, (image, label_props)
-        return self._ref
-
-    def __call__(self, case, out_dir: Path, tmp_dir: Path) -> None:
-        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-
+    def source(self, case) -> dict:
+        """The source case: the plans' reader's properties of its files ('spacing', 'sitk_stuff', ...), the
+        stored pixel types, and its preprocessed ``data`` (C, Z, Y, X) / ``seg`` (1, Z, Y, X) as nnU-Net stored it."""
+        if self._source.get("case_id") == case.source_case:
+            return self._source
+        files = self.raw.case(case.source_case)
+        if files.label is None:
+            raise LeFusionInputError(f"case {case.source_case} of {self.raw.folder} has no label file; every "
+                                     f"training case needs one.")
         image, label_props = getattr(case, "reference", None), getattr(case, "label_properties", None)
         if image is None or label_props is None:
-            image, label_props = self._reference(case.source_case)
-        ending = self.raw.file_ending
-        image_files = []
-        for c, channel in enumerate(case.channels):
-            f = tmp_dir / f"{case.case_id}_{c:04d}{ending}"
-            write_image_channel(np.asarray(channel), f, image, c)
-            image_files.append(str(f))
-        seg_file = tmp_dir / f"{case.case_id}{ending}"
-        write_label(np.asarray(case.label), seg_file, label_props)
-        data, seg, props = self.preprocessor.run_case(image_files, str(seg_file), self.plans_manager,
-                                                      self.configuration_manager, self.dataset_json)
-        for f in [*image_files, str(seg_file)]:
-            os.unlink(f)
-        props["lefusion_source_case"] = case.source_case
-        data = data.astype(np.float32, copy=False)
-        seg = seg.astype(np.int16, copy=False)
-        out = str(out_dir / case.case_id)
-        if issubclass(self.dataset_class, nnUNetDatasetBlosc2):
-            from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+            image = read_image(files.images)
+            label_props = read_label(files.label)[1]
+        array, props = self.plans_manager.image_reader_writer_class().read_images([str(f) for f in files.images])
+        if array.shape != image.array.shape or not np.array_equal(array, image.array):
+            raise LeFusionInputError(f"the plans' image reader reads {files.images[0]} differently from "
+                                     f"LeFusion's reader; plan this dataset with nnU-Net's default SimpleITKIO.")
+        data, seg, _, stored_props = self.source_dataset.load_case(case.source_case)
+        self._source = dict(case_id=case.source_case, properties=props, dtypes=list(image.source_dtypes),
+                            label_properties=label_props, data=np.asarray(data[:], np.float32),
+                            seg=np.asarray(seg[:]).astype(np.int16, copy=False),
+                            crop_bbox=_json_safe(stored_props.get("bbox_used_for_cropping")))
+        return self._source
 
-            patch = tuple(self.configuration_manager.patch_size)
-            blocks, chunks = comp_blosc2_params(data.shape, patch, data.itemsize)
-            blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)
-            self.dataset_class.save_case(data, seg, props, out, chunks=chunks, blocks=blocks,
-                                         chunks_seg=chunks_seg, blocks_seg=blocks_seg)
-        else:
-            self.dataset_class.save_case(data, seg, props, out)
+    def __call__(self, case) -> tuple["Patch | None", str | None]:
+        """The patch of ``case`` (None with a reason when the variant cannot be stored as one)."""
+        src = self.source(case)
+        data = np.stack([_to_dtype(np.asarray(ch), dt).astype(np.float32) for ch, dt in
+                         zip(case.channels, src["dtypes"])])
+        label = np.asarray(case.label)
+        seg = _to_dtype(label, _label_dtype(label, src["label_properties"])).astype(np.float32)[None]
+        pdata, pseg, props = self.preprocessor.run_case_npy(data, seg, copy.deepcopy(src["properties"]),
+                                                            self.plans_manager, self.configuration_manager,
+                                                            self.dataset_json)
+        pdata, pseg = pdata.astype(np.float32, copy=False), pseg.astype(np.int16, copy=False)
+        if pdata.shape != src["data"].shape or pseg.shape != src["seg"].shape or \
+                _json_safe(props.get("bbox_used_for_cropping")) != src["crop_bbox"]:
+            return None, (f"{case.case_id}: skipped, the variant changes nnU-Net's crop to the nonzero region of "
+                          f"{case.source_case}")
+        patch = difference_patch(pdata, pseg, props["class_locations"], src["data"], src["seg"])
+        if patch is None:
+            return None, f"{case.case_id}: skipped, identical to {case.source_case} after preprocessing"
+        return patch, None
 
 
 def build_bank_contents(out_dir: Path, *, synthesizer_factory: Callable[[], Any], raw_dataset, case_ids: list[str],
                         variant_settings, plans_manager, configuration_manager, dataset_json: dict,
-                        dataset_class, log: Callable[[str], None] = print) -> tuple[dict, list[str]]:
-    """Make, preprocess and save the variants of ``case_ids`` into ``out_dir``; returns (variants, warnings)."""
-    prep = _Preprocessor(raw_dataset, plans_manager, configuration_manager, dataset_json, dataset_class)
-    tmp_dir = out_dir / ".raw_tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
+                        dataset_class, preprocessed_folder: Path | str | None = None,
+                        log: Callable[[str], None] = print) -> tuple[dict, list[str]]:
+    """Make the variants of ``case_ids`` and save each one's patch into ``out_dir``; returns (variants, warnings).
+
+    ``preprocessed_folder`` holds the source cases as nnU-Net stored them (default: the configuration's folder
+    under ``$nnUNet_preprocessed``); ``dataset_class`` is the nnU-Net dataset class that reads them.
+    """
+    if preprocessed_folder is None:
+        from nnunetv2.paths import nnUNet_preprocessed
+
+        preprocessed_folder = Path(nnUNet_preprocessed) / plans_manager.dataset_name / \
+            configuration_manager.data_identifier
+    maker = _PatchMaker(raw_dataset, plans_manager, configuration_manager, dataset_json,
+                        dataset_class(str(preprocessed_folder), list(case_ids)))
     synth = synthesizer_factory()
     variants: dict[str, dict] = {}
     warnings: list[str] = []
     done_sources: set[str] = set()
+    seconds = 0.0
     try:
         for cases, chunk_warnings in make_variants(synth, raw_dataset, list(case_ids), variant_settings):
             warnings.extend(str(w) for w in chunk_warnings)
@@ -366,13 +381,20 @@ def build_bank_contents(out_dir: Path, *, synthesizer_factory: Callable[[], Any]
                 if case.source_case not in case_ids:
                     raise RuntimeError(f"make_variants returned a variant of {case.source_case}, which was "
                                        f"not requested")
-                prep(case, out_dir, tmp_dir)
-                variants[case.case_id] = {"source_case": case.source_case,
+                start = time.perf_counter()
+                patch, problem = maker(case)
+                if patch is None:
+                    warnings.append(str(problem))
+                    continue
+                size = save_patch(out_dir / f"{case.case_id}{PATCH_SUFFIX}", patch)
+                seconds += time.perf_counter() - start
+                variants[case.case_id] = {"source_case": case.source_case, "bbox": patch.bbox.tolist(),
+                                          "patch_bytes": size,
                                           "provenance": _json_safe(getattr(case, "provenance", {}))}
                 done_sources.add(case.source_case)
             log(f"LeFusion bank: {len(variants)} synthetic cases from {len(done_sources)} of "
-                f"{len(case_ids)} lesion-free training cases")
+                f"{len(case_ids)} lesion-free training cases"
+                + (f" ({seconds / len(variants):.2f} s preprocessing per variant)" if variants else ""))
     finally:
         del synth
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return variants, warnings

@@ -108,8 +108,7 @@ class LeFusionTrainer(nnUNetTrainer):
             f"{settings.probability}; bank {bank.folder} ({how}, {len(bank.warnings)} warnings)")
         for warning in bank.warnings[:20]:
             self.print_to_log_file(f"LeFusion warning: {warning}")
-        return SyntheticSwapDataset(dataset_tr, bank, self.dataset_class, settings.probability,
-                                          self.lefusion_draws_log)
+        return SyntheticSwapDataset(dataset_tr, bank, settings.probability, self.lefusion_draws_log)
 
     def _lefusion_validate(self, settings, data, free: list[str]) -> None:
         """Every input problem of the bank build as one sentence, before any work: the raw dataset, the
@@ -153,7 +152,7 @@ class LeFusionTrainer(nnUNetTrainer):
                 raw_dataset=raw, case_ids=free, variant_settings=settings.variants,
                 plans_manager=self.plans_manager, configuration_manager=self.configuration_manager,
                 dataset_json=self.dataset_json, dataset_class=self.dataset_class,
-                log=lambda msg: self.print_to_log_file(msg))
+                preprocessed_folder=self.preprocessed_dataset_folder, log=lambda msg: self.print_to_log_file(msg))
 
         root = join(self.preprocessed_dataset_folder_base, _bank.BANK_FOLDER)
         if _bank.SyntheticBank.load(join(root, spec.key), spec.key) is None:  # a build is needed: check first

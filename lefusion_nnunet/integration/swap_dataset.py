@@ -1,11 +1,14 @@
-"""Training-time use of the synthetic bank: the dataset wrapper that swaps in variants, and its draws log.
+"""Training-time use of the synthetic bank: the patch format, the dataset wrapper that swaps in variants, its log.
 
-:class:`SyntheticSwapDataset` wraps nnU-Net's training dataset so that ``load_case(source)`` returns one of the
-source's variants (from a :class:`~lefusion_nnunet.integration.bank.SyntheticBank`) with probability P, and
-records each load in a draws log; :func:`read_draws` counts what was drawn.
+A variant is stored as a :class:`Patch` of its source's preprocessed case (:func:`save_patch` /
+:func:`load_patch`). :class:`SyntheticSwapDataset` wraps nnU-Net's training dataset so that
+``load_case(source)`` returns, with probability P, the source case as nnU-Net loads it with one of its variants'
+patches pasted in (:class:`PatchedArray`: only the voxels inside the patch differ) and records each load in a
+draws log; :func:`read_draws` counts what was drawn.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,12 +20,138 @@ import numpy as np
 if TYPE_CHECKING:
     from lefusion_nnunet.integration.bank import SyntheticBank
 
-__all__ = ["SyntheticSwapDataset", "DrawStats", "read_draws", "DRAWS_LOG_HEADER"]
+__all__ = ["SyntheticSwapDataset", "DrawStats", "read_draws", "DRAWS_LOG_HEADER", "Patch", "PatchedArray",
+           "difference_patch", "save_patch", "load_patch", "merge_class_locations"]
 
 log = logging.getLogger(__name__)
 
 #: First line of a draws log: the columns of every following line.
 DRAWS_LOG_HEADER = "# kind (S = synthetic variant, R = real case)\tsource case\tloaded case\n"
+
+
+# ----------------------------------------------------------------------------------------------- patches
+
+PATCH_SUFFIX = ".npz"
+
+
+@dataclass
+class Patch:
+    """What a variant changes in its source's preprocessed case (nnU-Net's grid, ``(C, Z, Y, X)``).
+
+    Attributes:
+        data: ``(C, dz, dy, dx)`` float32, the preprocessed variant inside ``bbox``.
+        seg: ``(1, dz, dy, dx)`` int16, its segmentation inside ``bbox``.
+        bbox: ``(3, 2)`` int64, ``[start, stop)`` per spatial axis (z, y, x) in the full preprocessed case.
+        class_locations: nnU-Net's foreground locations (rows ``(0, z, y, x)``, full-case coordinates) of the
+            variant that lie inside ``bbox``, per label (or region tuple).
+    """
+
+    data: np.ndarray
+    seg: np.ndarray
+    bbox: np.ndarray
+    class_locations: dict
+
+    @property
+    def start(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.bbox[:, 0])  # type: ignore[return-value]
+
+
+def _inside(locations: np.ndarray, bbox: np.ndarray) -> np.ndarray:
+    xyz = locations[:, 1:]
+    return np.all((xyz >= bbox[:, 0]) & (xyz < bbox[:, 1]), axis=1)
+
+
+def _as_locations(value) -> np.ndarray:
+    return np.asarray(value, np.int64).reshape(-1, 4)
+
+
+def difference_patch(data: np.ndarray, seg: np.ndarray, class_locations: dict, source_data: np.ndarray,
+                     source_seg: np.ndarray) -> Patch | None:
+    """The bounding box of every voxel where the preprocessed variant (``data``, ``seg``, ``class_locations``)
+    differs from the source's preprocessed case, with the variant's values there; None if nothing differs."""
+    changed = (data != source_data).any(0) | (seg != source_seg).any(0)
+    if not changed.any():
+        return None
+    where = np.argwhere(changed)
+    bbox = np.stack([where.min(0), where.max(0) + 1], axis=1).astype(np.int64)
+    inner = (slice(None), *(slice(int(a), int(b)) for a, b in bbox))
+    locations = {}
+    for key, value in class_locations.items():
+        loc = _as_locations(value)
+        locations[key] = loc[_inside(loc, bbox)]
+    return Patch(np.ascontiguousarray(data[inner]), np.ascontiguousarray(seg[inner]), bbox, locations)
+
+
+def save_patch(path: Path, patch: Patch) -> int:
+    """Write ``patch`` as one compressed ``.npz``; returns its size in bytes."""
+    keys = [list(k) if isinstance(k, tuple) else int(k) for k in patch.class_locations]
+    arrays = {f"locations{i}": v for i, v in enumerate(patch.class_locations.values())}
+    with open(path, "wb") as f:
+        np.savez_compressed(f, data=patch.data, seg=patch.seg, bbox=patch.bbox,
+                            location_keys=np.array(json.dumps(keys)), **arrays)
+    return path.stat().st_size
+
+
+def load_patch(path: Path | str) -> Patch:
+    """Read a patch written by :func:`save_patch`."""
+    with np.load(path) as z:
+        keys = [tuple(k) if isinstance(k, list) else k for k in json.loads(str(z["location_keys"]))]
+        return Patch(z["data"], z["seg"], z["bbox"], {k: z[f"locations{i}"] for i, k in enumerate(keys)})
+
+
+def merge_class_locations(source: dict, patch: Patch) -> dict:
+    """The source case's ``class_locations`` outside the patch plus the patch's own (nnU-Net's oversampling)."""
+    out = {}
+    for key in list(source) + [k for k in patch.class_locations if k not in source]:
+        kept = _as_locations(source.get(key, []))
+        merged = np.concatenate([kept[~_inside(kept, patch.bbox)],
+                                 patch.class_locations.get(key, np.zeros((0, 4), np.int64))])
+        out[key] = merged if len(merged) else []
+    return out
+
+
+class PatchedArray:
+    """A preprocessed case array ``(C, Z, Y, X)`` as nnU-Net loads it (blosc2 or numpy) with ``patch``
+    ``(C, dz, dy, dx)`` pasted at spatial ``start`` (z, y, x).
+
+    Slicing with slices (what nnU-Net's data loader does) reads only the requested part of the source and pastes
+    the overlapping part of the patch, so a crop costs what it costs on the source; anything else (and
+    ``np.asarray``) reads the whole case. Voxels outside the patch are the source's, bit for bit. (acvl's
+    ``crop_and_pad_nd`` needs a box that overlaps the case, as nnU-Net's loader always gives, for any type
+    other than numpy / blosc2 / torch.)
+    """
+
+    def __init__(self, base, patch: np.ndarray, start):
+        self.base, self.patch, self.start = base, patch, tuple(int(v) for v in start)
+        self.shape = tuple(int(v) for v in base.shape)
+        self.dtype = np.dtype(base.dtype)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > self.ndim or not all(isinstance(k, slice) and k.step in (None, 1) for k in key):
+            return self[(slice(None),) * self.ndim][key]
+        key = key + (slice(None),) * (self.ndim - len(key))
+        ranges = [k.indices(n)[:2] for k, n in zip(key, self.shape)]
+        ranges = [(a, max(a, b)) for a, b in ranges]
+        out = np.array(self.base[tuple(slice(a, b) for a, b in ranges)], dtype=self.dtype, copy=True)
+        origin = (0,) * (self.ndim - len(self.start)) + self.start
+        dst, src = [], []
+        for (a, b), o, n in zip(ranges, origin, self.patch.shape):
+            lo, hi = max(a, o), min(b, o + n)
+            if hi <= lo:
+                return out
+            dst.append(slice(lo - a, hi - a))
+            src.append(slice(lo - o, hi - o))
+        out[tuple(dst)] = self.patch[tuple(src)]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[(slice(None),) * self.ndim]
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 class SyntheticSwapDataset:
@@ -31,14 +160,15 @@ class SyntheticSwapDataset:
     Behaves like the wrapped dataset for ``nnUNetDataLoader``: same ``identifiers`` (the real training
     cases, so sampling weights are unchanged) and the same ``load_case`` return value
     ``(data, seg, seg_prev, properties)``. When a case with variants is drawn, a uniform draw below P
-    returns a uniformly chosen variant from the bank instead. Randomness is numpy's, from a generator created
+    returns a uniformly chosen variant instead (:meth:`load_variant`: the source loaded by the wrapped dataset,
+    the variant's patch pasted, ``class_locations`` merged). Randomness is numpy's, from a generator created
     per process (forked data-augmentation workers each get their own from OS entropy). Every load appends a
     line ``S|R <tab> source <tab> loaded id`` to ``draws_log`` (``O_APPEND``, safe across processes) below a
     header line (:data:`DRAWS_LOG_HEADER`).
-    Picklable (only paths and plain data are kept).
+    Picklable (only the wrapped dataset, paths and plain data are kept).
     """
 
-    def __init__(self, real, bank: SyntheticBank, dataset_class, probability: float, draws_log: str | None = None):
+    def __init__(self, real, bank: SyntheticBank, probability: float, draws_log: str | None = None):
         self.real = real
         self.identifiers = real.identifiers
         self.source_folder = real.source_folder
@@ -46,8 +176,8 @@ class SyntheticSwapDataset:
         self.probability = float(probability)
         train = set(real.identifiers)
         self.variants_by_source = {k: sorted(v) for k, v in bank.variants_by_source.items() if k in train and v}
-        variant_ids = sorted(v for vs in self.variants_by_source.values() for v in vs)
-        self.bank = dataset_class(str(bank.folder), variant_ids)
+        self.source_of = {v: k for k, vs in self.variants_by_source.items() for v in vs}
+        self.bank_folder = str(bank.folder)
         self.draws_log = draws_log
         if draws_log is not None and not os.path.exists(draws_log):  # main process, before any worker forks
             try:
@@ -86,9 +216,21 @@ class SyntheticSwapDataset:
         if variants and rng.random() < self.probability:
             variant = variants[int(rng.integers(len(variants)))]
             self._record("S", identifier, variant)
-            return self.bank.load_case(variant)
+            return self.load_variant(variant)
         self._record("R", identifier, identifier)
         return self.real.load_case(identifier)
+
+    def load_variant(self, variant: str):
+        """``(data, seg, seg_prev, properties)`` of a variant: its source as the wrapped dataset loads it with the
+        patch pasted into image and segmentation (:class:`PatchedArray`) and the patch's lesion locations in
+        ``properties['class_locations']``."""
+        source = self.source_of[variant]
+        data, seg, seg_prev, properties = self.real.load_case(source)
+        patch = load_patch(os.path.join(self.bank_folder, variant + PATCH_SUFFIX))
+        properties = dict(properties, lefusion_source_case=source, lefusion_variant=variant)
+        properties["class_locations"] = merge_class_locations(properties.get("class_locations") or {}, patch)
+        return (PatchedArray(data, patch.data, patch.start), PatchedArray(seg, patch.seg, patch.start), seg_prev,
+                properties)
 
     def __getitem__(self, identifier: str):
         return self.load_case(identifier)
