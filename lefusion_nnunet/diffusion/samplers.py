@@ -223,18 +223,24 @@ class RePaintSampler:
         return torch.where(mask, x, known)
 
 
+class _SteppedSampler:
+    """Samplers that evaluate the network at ``config.num_steps`` levels spaced by ``config.timestep_spacing``."""
+
+    config: SamplerConfig
+
+    def timesteps(self, num_train_timesteps: int) -> list[int]:
+        """Descending levels from T - 1 to 0 (all of them when num_steps == T)."""
+        c = self.config
+        return timestep_levels(c.num_steps, num_train_timesteps, c.timestep_spacing, c.name)
+
+
 # -- DDIM ------------------------------------------------------------------------------------------
-class DDIMInpaintSampler:
+class DDIMInpaintSampler(_SteppedSampler):
     """DDIM over ``num_steps`` evenly spaced levels with background merge (uses ``num_steps``,
     ``eta``, ``resample_steps``)."""
 
     def __init__(self, config: SamplerConfig | None = None):
         self.config = config or SamplerConfig(name="ddim")
-
-    def timesteps(self, num_train_timesteps: int) -> list[int]:
-        """Descending levels from T - 1 to 0, evenly spaced by default (all of them when num_steps == T)."""
-        c = self.config
-        return timestep_levels(c.num_steps, num_train_timesteps, c.timestep_spacing, c.name)
 
     def num_network_evaluations(self, num_train_timesteps: int) -> int:
         return len(self.timesteps(num_train_timesteps)) * (1 + self.config.resample_steps)
@@ -292,7 +298,7 @@ class DDIMInpaintSampler:
 
 
 # -- DPM-Solver++ 2M ------------------------------------------------------------------------------
-class DPMSolverInpaintSampler:
+class DPMSolverInpaintSampler(_SteppedSampler):
     """DPM-Solver++ 2M over ``num_steps`` levels (``timestep_spacing``, default quadratic) with background
     merge before every evaluation (uses ``num_steps``, ``timestep_spacing``, ``eta``): one network evaluation
     per step; with eta = 0 deterministic given the initial noise and the background noise drawn from
@@ -300,11 +306,6 @@ class DPMSolverInpaintSampler:
 
     def __init__(self, config: SamplerConfig | None = None):
         self.config = config or SamplerConfig(name="dpmpp2m")
-
-    def timesteps(self, num_train_timesteps: int) -> list[int]:
-        """Descending levels from T - 1 to 0 spaced by ``timestep_spacing`` (default quadratic)."""
-        c = self.config
-        return timestep_levels(c.num_steps, num_train_timesteps, c.timestep_spacing, c.name)
 
     def num_network_evaluations(self, num_train_timesteps: int) -> int:
         return len(self.timesteps(num_train_timesteps))
