@@ -18,6 +18,7 @@ Not measured here (issue 14's other numbers): time to the first training iterati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -70,6 +71,12 @@ def _painted_variants(made_seconds: list):
     return make
 
 
+def _plan_and_preprocess(extract_fingerprints, plan_experiments, preprocess) -> None:
+    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=False, verbose=False)
+    plan_experiments([DATASET_ID])
+    preprocess([DATASET_ID], configurations=("3d_fullres",), num_processes=(1,), verbose=False)
+
+
 def run(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workdir", type=Path)
@@ -91,7 +98,8 @@ def run(argv: list[str] | None = None) -> dict:
         shutil.rmtree(raw, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "lefusion_nnunet.cli.main", "phantom", "-o", str(work / "nnUNet_raw"),
                         "--id", str(DATASET_ID), "--name", NAME, "--cases", str(args.cases),
-                        "--lesion-free-fraction", "0.5", "--shape", *map(str, args.shape)], check=True)
+                        "--lesion-free-fraction", "0.5", "--shape", *map(str, args.shape)], check=True,
+                       stdout=sys.stderr)
         for i, f in enumerate(sorted((raw / "labelsTr").iterdir())):
             if i % 2:
                 case = f.name[:-len(".nii.gz")]
@@ -101,9 +109,8 @@ def run(argv: list[str] | None = None) -> dict:
                                                                           preprocess)
 
         start = time.perf_counter()
-        extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=False, verbose=False)
-        plan_experiments([DATASET_ID])
-        preprocess([DATASET_ID], configurations=("3d_fullres",), num_processes=(1,), verbose=False)
+        with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints; stdout is the JSON only
+            _plan_and_preprocess(extract_fingerprints, plan_experiments, preprocess)
         timings["plan_and_preprocess_s"] = round(time.perf_counter() - start, 1)
 
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -151,7 +158,7 @@ def run(argv: list[str] | None = None) -> dict:
     source_bytes = [sum((data_folder / f"{v['source_case']}{s}").stat().st_size for s in (".b2nd", "_seg.b2nd", ".pkl"))
                     for v in variants.values()]
     patch_bytes = [v["patch_bytes"] for v in variants.values()]
-    shapes = {c: list(np.asarray(nnUNetDatasetBlosc2(str(data_folder), [c]).load_case(c)[0].shape)) for c in free}
+    shapes = {c: [int(v) for v in nnUNetDatasetBlosc2(str(data_folder), [c]).load_case(c)[0].shape] for c in free}
     return {
         "shape_xyz": args.shape, "cases": args.cases, "lesion_free_cases": len(free), "variants": len(variants),
         "warnings": warnings, "target_spacing_zyx": cm.spacing, "preprocessed_shapes": shapes, **timings,
