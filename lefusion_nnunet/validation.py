@@ -333,7 +333,7 @@ def validate_case_files(image_files: Sequence[Path | str], channel: int, mask_fi
 def resolve_region_label(settings, data) -> int | None:
     """The host-region label synthetic lesions must lie in: none with per-case ``--region-masks``, else the
     ``--region-label`` setting, else the checkpoint's region label (None: the body)."""
-    if settings.region_masks_dir or getattr(settings, "auto_region", None):
+    if settings.region_masks_dir or settings.auto_region:
         return None
     return settings.region_label if settings.region_label is not None else data.region_label
 
@@ -353,7 +353,7 @@ def validate_variant_inputs(dataset: RawDataset, data, settings, cases: Sequence
         The sorted case ids that receive lesions.
     """
     check_checkpoint_fits(data, dataset)
-    if getattr(settings, "auto_region", None) == "lung" and data.modality != "CT":
+    if settings.auto_region == "lung" and data.modality != "CT":
         raise LeFusionInputError(f"--auto-region lung finds the lungs in CT, but the model's channel is "
                                  f"{data.modality!r}; pass --region-label or --region-masks instead.")
     region = resolve_region_label(settings, data)

@@ -81,8 +81,10 @@ def collect_lesion_rois(dataset: RawDataset, lesion_labels: list[int], geometry:
     dataset.check_labels(lesion_labels, "lesion label")
     native_rois, masks, case_ids, ranges, skipped = [], [], [], [], []
     modality = dataset.modality(channel)
-    percentile_space = intensity if intensity is not None and intensity.kind == "percentile" else \
-        IntensitySpace("percentile")
+    # the space ends up a percentile space (given as one, or derived for a channel other than CT): each ROI then
+    # uses its whole case's range, as inference computes it; a CT window needs no per-case range
+    percentile_space = (intensity if intensity is not None and intensity.kind == "percentile"
+                        else IntensitySpace("percentile") if intensity is None and modality != "CT" else None)
     cases = [c for c in dataset.cases if c.label is not None]
     for case in tqdm(cases, desc="reading lesions", disable=not progress, leave=False):
         label, lprops = read_label(case.label)
@@ -91,8 +93,7 @@ def collect_lesion_rois(dataset: RawDataset, lesion_labels: list[int], geometry:
         vol = read_image(case.images)
         check_same_grid(vol.properties, lprops, case.images[0], case.label, vol.shape_zyx, label.shape)
         image = vol.channel(channel)
-        # the whole case's range, as inference computes it (used when the space is a percentile space)
-        value_range = percentile_space.value_range_for(image)
+        value_range = percentile_space.value_range_for(image) if percentile_space is not None else None
         components, n = ndimage.label(np.isin(label, lesion_labels), structure=LESION_CONNECTIVITY)
         for comp in range(1, n + 1):
             region = components == comp

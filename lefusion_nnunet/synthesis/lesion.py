@@ -29,7 +29,7 @@ from lefusion_nnunet.data.histogram import TextureSpec, class_histograms, resolv
 from lefusion_nnunet.data.masks import roi_mask_to_native
 from lefusion_nnunet.data.roi import extract_roi, extract_roi_mask, mask_fits_roi, paste_roi, plan_roi_origin
 from lefusion_nnunet.diffusion import SamplerConfig, make_sampler
-from lefusion_nnunet.diffusion.inputs import border_ring_region, lesion_model_inputs
+from lefusion_nnunet.diffusion.inputs import lesion_model_inputs
 from lefusion_nnunet.errors import LeFusionInputError
 from lefusion_nnunet.seeding import seeded_generator, seeded_rng
 from lefusion_nnunet.utils import resolve_device
@@ -67,8 +67,11 @@ def generation_region(union_zyx: np.ndarray, generate_roi: np.ndarray, origin_zy
     return union_zyx | ring
 
 
-def _as_generators(generator, n: int, device: str) -> list[torch.Generator] | torch.Generator | None:
-    if generator is None or isinstance(generator, torch.Generator):
+def _request_generators(generator, n: int) -> list[torch.Generator] | torch.Generator:
+    """The generator(s) for ``n`` requests: one shared, one per request, or (None) seed 0 per request."""
+    if generator is None:  # seeded, never the global RNG
+        return [seeded_generator(0, "synthesize", i) for i in range(n)]
+    if isinstance(generator, torch.Generator):
         return generator
     gens = list(generator)
     if len(gens) != n:
@@ -196,9 +199,10 @@ class LesionSynthesizer:
         out = []
         for req in requests:
             p = self._prepare(dataclasses.replace(req, texture=np.zeros(1, np.float32)), np.random.default_rng(0))
-            ring = border_ring_region(torch.from_numpy(p["masks"][None].any(1, keepdims=True)).float(),
-                                      self.data.border_ring_voxels)
-            out.append(generation_region(p["union"], ring[0, 0].bool().numpy(), p["origin"], req.spacing, self.data))
+            inputs = lesion_model_inputs(torch.from_numpy(p["roi"][None, None]), torch.from_numpy(p["masks"][None]),
+                                         border_ring=self.data.border_ring_voxels)
+            out.append(generation_region(p["union"], inputs.generate[0, 0].bool().numpy(), p["origin"], req.spacing,
+                                         self.data))
         return out
 
     def synthesize(self, requests: list[LesionRequest], generator=None, rng: np.random.Generator | None = None,
@@ -212,8 +216,7 @@ class LesionSynthesizer:
             rng: numpy generator for random texture choices (requests without ``texture``).
         """
         rng = rng if rng is not None else seeded_rng(0, "synthesize", "textures")
-        gens = (_as_generators(generator, len(requests), self.device) if generator is not None
-                else [seeded_generator(0, "synthesize", i) for i in range(len(requests))])
+        gens = _request_generators(generator, len(requests))
         prepared = [self._prepare(r, rng) for r in requests]
         outputs: list[np.ndarray] = []
         starts = range(0, len(requests), self.batch_size)
