@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lefusion_nnunet.checkpoints.format import load_checkpoint_content
+from lefusion_nnunet.checkpoints.loaders import checkpoint_data_config
 from lefusion_nnunet.checkpoints.release import (RELEASE_KINDS, RELEASE_PROTOTYPES, import_release_checkpoint,
                                                  infer_release_config, read_release_file)
 from lefusion_nnunet.diffusion.release_unet import (ReleaseLesionDenoiser, ReleaseMaskDenoiser, ReleaseUnet,
@@ -187,6 +188,16 @@ def test_import_checkpoint_command(tmp_path, capsys):
     assert "lesion model" in printed and "0.7 0.7 1.25 mm" in printed and out.is_file()
     with pytest.raises(LeFusionInputError, match="overwrite"):
         args.func(parser.parse_args(argv))
+    assert checkpoint_data_config(out).roi.size_zyx == (32, 64, 64)       # the release's default grid
+
+    sized = tmp_path / "lidc_sized.pt"                                     # --roi-size is x y z
+    args = parser.parse_args([*argv[:-2], "--roi-size", "32", "16", "8", "-o", str(sized)])
+    assert args.func(args) == 0
+    assert checkpoint_data_config(sized).roi.size_zyx == (8, 16, 32)
+    with pytest.raises(LeFusionInputError, match="multiples"):
+        args = parser.parse_args([*argv[:-2], "--roi-size", "30", "16", "8", "-o", str(tmp_path / "bad.pt")])
+        args.func(args)
+    assert not (tmp_path / "bad.pt").exists()
 
 
 def _ball(shape, center, radius):

@@ -27,6 +27,9 @@ def add_import_checkpoint_parser(sub) -> None:
                    help="model-grid voxel size in mm, x y z. The release never resamples (its ROIs keep each "
                         "scan's voxel size), so this is an assumption: default lidc/diffmask 0.7 0.7 1.25, emidec "
                         "1.5 1.5 10; pass your scans' spacing for exact (interpolation-free) paste-back")
+    p.add_argument("--roi-size", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                   help="model grid in voxels, x y z (default: the release's, lidc/diffmask 64 64 32, emidec "
+                        "72 72 10); x and y must be multiples of the network's downsampling factor")
     p.add_argument("-o", "--output", type=Path, required=True, help="the checkpoint to write (OUT.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run_import_checkpoint)
@@ -42,8 +45,9 @@ def run_import_checkpoint(args: argparse.Namespace) -> int:
 
     if args.output.exists() and not args.overwrite:
         raise LeFusionInputError(f"{args.output} exists; pass --overwrite to replace it or choose another -o.")
+    roi_size_zyx = None if args.roi_size is None else tuple(args.roi_size)[::-1]
     result = import_release_checkpoint(args.path, args.kind, args.weights, args.lesion_labels, args.spacing,
-                                       args.output)
+                                       args.output, roi_size_zyx=roi_size_zyx)
     what = "lesion model" if result.checkpoint_kind == "lesion" else "mask model (use with --mask-source diffusion)"
     print(f"imported {args.path} ({args.kind}, {args.weights} weights, step {result.step}, "
           f"{result.num_tensors} tensors, sha256 {result.source_sha256[:12]}...) as a {what}: {result.path}")
