@@ -245,6 +245,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--real-region", choices=["auto-lung", "masks"], default="auto-lung",
                    help="real CT placement: enlarge --auto-region lung (default), or the same lung regions passed "
                         "as --region-masks")
+    p.add_argument("--border-ring-shape", default=None,
+                   choices=["in-plane-faces", "in-plane", "faces", "cube"],
+                   help="lefusion train --border-ring-shape (default: lefusion train's default)")
+    p.add_argument("--border-ring", type=int, default=None,
+                   help="lefusion train --border-ring voxels (default: lefusion train's default)")
     p.add_argument("--per-case", type=int, default=3, help="variants per source case (DDIM, copy-paste)")
     p.add_argument("--repaint-per-case", type=int, default=1, help="variants per source case for RePaint")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["lefusion", "lefusion_repaint_j2_r2", "copy_paste"])
@@ -270,8 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
     src = dataset_dir(raw, src_id)
     ckpts = sorted((work / "results").glob(f"{src.name}/*/checkpoint_final.pt"))
     if not ckpts:
+        ring = [] if args.border_ring_shape is None else ["--border-ring-shape", args.border_ring_shape]
+        ring += [] if args.border_ring is None else ["--border-ring", str(args.border_ring)]
         timings["train"] = run(["lefusion", "train", *setup["train"], "--max-minutes", str(args.minutes),
-                                "--seed", str(args.seed)], env, logs / "train.log")
+                                "--seed", str(args.seed), *ring], env, logs / "train.log")
         ckpts = sorted((work / "results").glob(f"{src.name}/*/checkpoint_final.pt"))
     train_log = [json.loads(line) for line in (ckpts[0].parent / "training_log.jsonl").read_text().splitlines()
                  if line.strip()]
@@ -306,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "realism", "dataset": args.dataset, "device": f"cpu ({platform.machine()}, "
               f"{os.cpu_count()} threads)", "window_hu": list(window), "train_minutes": args.minutes,
               "train_steps": steps, "checkpoint": str(ckpts[0]), "seed": args.seed,
+              "border_ring": _checkpoint_ring(ckpts[0]),
               "real": {"n": len(real), "lesions": [{"case": r["case"], "texture": r["texture"], **r["stats"].to_dict(),
                                                     **({"inside_lung_region": round(r["inside_lung_region"], 4)}
                                                        if "inside_lung_region" in r else {})} for r in real]},
@@ -340,6 +348,14 @@ def main(argv: list[str] | None = None) -> dict:
     result["montage"] = str(png)
     emit(result, args.out)
     return result
+
+
+def _checkpoint_ring(path: Path) -> dict:
+    """The border ring a checkpoint was trained with (voxels and shape, from its DataConfig)."""
+    from lefusion_nnunet.checkpoints.loaders import checkpoint_data_config
+
+    data = checkpoint_data_config(path)
+    return {"voxels": data.border_ring_voxels, "shape": data.border_ring_shape}
 
 
 def _nearest_texture(nodules: list[dict]):

@@ -292,3 +292,174 @@ def test_border_ring_is_generated_and_nothing_beyond_it_changes():
     assert np.array_equal(region, mask[0] | ring)
     assert np.array_equal(generation_region(mask[0], inputs.generate[0, 0].numpy().astype(bool),
                                             prepared["origin"], (1.0, 1.0, 1.0), base), mask[0])  # no ring: mask
+
+
+# ---- border ring shapes (issue 13: edges too soft with the 26-neighbourhood ring on thick slices) ----------------
+
+THICK = (2.5, 0.9, 0.9)  # the chest phantom's grid: z three times coarser than y, x
+
+
+def _structure(shape: str, spacing) -> np.ndarray:
+    """The 3x3x3 scipy structuring element one ring step of ``shape`` should be (written out independently)."""
+    from scipy import ndimage
+
+    fine = [s <= 1.5 * min(spacing) for s in spacing] if shape.startswith("in-plane") else [True] * 3
+    if shape.endswith("faces"):
+        st = ndimage.generate_binary_structure(3, 1)
+    else:
+        st = np.ones((3, 3, 3), bool)
+    for axis, keep in enumerate(fine):
+        if not keep:  # no growth along this axis: only the middle plane of the element stays
+            idx = [slice(None)] * 3
+            for off in (0, 2):
+                idx[axis] = off
+                st[tuple(idx)] = False
+    return st
+
+
+@pytest.mark.parametrize("shape", ["cube", "faces", "in-plane", "in-plane-faces"])
+@pytest.mark.parametrize("spacing", [THICK, (1.0, 1.0, 1.0), (0.8, 0.8, 3.0)])
+def test_each_ring_shape_grows_the_mask_by_its_neighbourhood(shape, spacing):
+    from scipy import ndimage
+
+    from lefusion_nnunet.diffusion.inputs import border_ring_region
+
+    rng = np.random.default_rng(0)
+    mask = ndimage.binary_opening(rng.random((10, 14, 14)) < 0.35) | (rng.random((10, 14, 14)) < 0.03)
+    for steps in (1, 2):
+        got = border_ring_region(torch.from_numpy(mask[None, None]).float(), steps, shape, spacing)[0, 0]
+        want = ndimage.binary_dilation(mask, structure=_structure(shape, spacing), iterations=steps)
+        assert np.array_equal(got.numpy().astype(bool), want), (shape, spacing, steps)
+
+
+def test_in_plane_rings_leave_thick_slices_alone_and_the_cube_ring_is_the_old_one():
+    from lefusion_nnunet.diffusion.inputs import border_ring_region, ring_axes
+
+    voxel = torch.zeros(1, 1, 5, 5, 5)
+    voxel[0, 0, 2, 2, 2] = 1
+    counts = {s: int(border_ring_region(voxel, 1, s, THICK).sum()) for s in ("cube", "faces", "in-plane",
+                                                                               "in-plane-faces")}
+    assert counts == {"cube": 27, "faces": 7, "in-plane": 9, "in-plane-faces": 5}
+    assert ring_axes("in-plane", THICK) == (1, 2) and ring_axes("in-plane", (1.0, 1.2, 1.0)) == (0, 1, 2)
+    old = torch.nn.functional.max_pool3d(voxel, 3, 1, 1)  # the ring of the previous release, written out
+    assert torch.equal(border_ring_region(voxel, 1), old)  # default shape = "cube" = old checkpoints' ring
+    with pytest.raises(ValueError, match="spacings"):
+        border_ring_region(voxel, 1, "in-plane")
+    with pytest.raises(ValueError, match="not one of"):
+        border_ring_region(voxel, 1, "sphere", THICK)
+
+
+@pytest.mark.parametrize("shape", ["in-plane-faces", "in-plane", "faces", "cube"])
+def test_training_and_inference_build_the_same_ring(tmp_path, shape):
+    import dataclasses as dc
+
+    _, label = _one_lesion_dataset(tmp_path / "Dataset904_Ring", THICK, shape=(16, 48, 48))
+    geometry = RoiGeometry((8, 24, 24), THICK)
+    intensity = IntensitySpace("window", window=(-1000.0, 400.0))
+    rois = collect_lesion_rois(load_raw_dataset(tmp_path / "Dataset904_Ring"), [2, 3], geometry, intensity,
+                               progress=False)
+    data = DataConfig(dataset_name="Dataset904_Ring", lesion_labels=(2, 3), label_names=("outer", "core"),
+                      region_label=None, channel=0, modality="CT", roi=geometry, intensity=intensity,
+                      border_ring_voxels=1, border_ring_shape=shape)
+    synth = _synthesizer(data)
+    vol = read_image([tmp_path / "Dataset904_Ring" / "imagesTr" / "case_000_0000.nii.gz"])
+    prepared = synth._prepare(LesionRequest(vol.channel(0), vol.spacing, np.stack([label == 2, label == 3])),
+                              np.random.default_rng(0))
+    ring = dict(border_ring=data.border_ring_voxels, ring_shape=data.border_ring_shape,
+                spacing_zyx=data.roi.spacing_zyx)   # what training (training/lesion.py) passes
+    train = lesion_model_inputs(torch.from_numpy(rois.images[:1])[:, None], torch.from_numpy(rois.class_masks[:1]),
+                                **ring)
+    infer = lesion_model_inputs(torch.from_numpy(prepared["roi"][None, None]),
+                                torch.from_numpy(prepared["masks"][None]), **ring)
+    for name in ("known", "context", "class_masks", "generate"):
+        assert torch.equal(getattr(train, name), getattr(infer, name)), name
+    union = torch.from_numpy(rois.class_masks[:1]).amax(1, keepdim=True).float()
+    assert train.generate.sum() > union.sum()  # a ring was added
+    [region] = synth.generation_regions([LesionRequest(vol.channel(0), vol.spacing,
+                                                       np.stack([label == 2, label == 3]))])
+    assert region.sum() == train.generate.sum()  # native grid = model grid here: the same voxels
+    cube = _synthesizer(dc.replace(data, border_ring_shape="cube")).generation_regions(
+        [LesionRequest(vol.channel(0), vol.spacing, np.stack([label == 2, label == 3]))])[0]
+    assert (region <= cube).all() and (shape == "cube") == np.array_equal(region, cube)
+
+
+def test_in_plane_faces_ring_is_generated_and_nothing_beyond_it_changes():
+    from scipy import ndimage
+
+    image = np.random.default_rng(1).normal(-700, 30, (12, 32, 32)).astype(np.float32)
+    mask = np.zeros((1, 12, 32, 32), bool)
+    mask[0, 4:8, 12:19, 13:18] = True
+    mask[0, 5:7, 11, 15] = True
+    data = DataConfig(dataset_name="D", lesion_labels=(2,), label_names=("n",), region_label=None, channel=0,
+                      modality="CT", roi=RoiGeometry((8, 16, 16), THICK), intensity=IntensitySpace(),
+                      border_ring_voxels=1, border_ring_shape="in-plane-faces")
+    synth = _synthesizer(data)
+    with torch.no_grad():
+        for p in synth.checkpoint.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    request = LesionRequest(image, THICK, mask)
+    [out] = synth.synthesize([request], generator=[seeded_generator(0, "r")])
+    cross = np.zeros((3, 3, 3), bool)
+    cross[1] = ndimage.generate_binary_structure(2, 1)  # in-plane face neighbours only
+    region = ndimage.binary_dilation(mask[0], structure=cross)
+    ring = region & ~mask[0]
+    changed = out != image
+    assert changed[ring].mean() > 0.9 and not changed[~region].any()
+    assert not (changed & ~region).any() and np.array_equal(synth.generation_regions([request])[0], region)
+    above = np.roll(mask[0], 1, axis=0) & ~region  # across the thick slices: a cube ring would change these
+    assert above.any() and not changed[above].any()
+
+
+def test_ring_shape_defaults_old_checkpoints_and_validation():
+    from lefusion_nnunet.cli.main import build_parser
+    from lefusion_nnunet.cli.train import RING_SHAPE_CHOICES
+    from lefusion_nnunet.data.config import BORDER_RING_SHAPES
+    from lefusion_nnunet.diffusion.inputs import RING_SHAPES
+    from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
+    from lefusion_nnunet.training.loop import TrainConfig
+
+    assert set(RING_SHAPES) == set(BORDER_RING_SHAPES) == set(RING_SHAPE_CHOICES)
+    new = DataConfig(dataset_name="D", lesion_labels=(2,), label_names=("n",), region_label=None, channel=0,
+                     modality="CT", roi=RoiGeometry((8, 8, 8), THICK), intensity=IntensitySpace(),
+                     border_ring_voxels=1, border_ring_shape="in-plane-faces")
+    old = new.to_dict()
+    del old["border_ring_shape"]  # a checkpoint written before the field: its ring was the 26-neighbourhood one
+    assert DataConfig.from_dict(old).border_ring_shape == "cube"
+    assert DataConfig.from_dict(new.to_dict()) == new
+    with pytest.raises(LeFusionCheckpointError, match="border_ring_shape"):
+        DataConfig.from_dict({**new.to_dict(), "border_ring_shape": "sphere"})
+    assert TrainConfig().border_ring_shape == "in-plane-faces" != DataConfig.from_dict(old).border_ring_shape
+    with pytest.raises(LeFusionInputError, match="--border-ring-shape"):
+        TrainConfig(border_ring_shape="round")
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    args = train.parse_args(["-d", "501", "--lesion-label", "2"])
+    assert args.border_ring_shape == TrainConfig().border_ring_shape
+    chosen = train.parse_args(["-d", "1", "--lesion-label", "2", "--border-ring-shape", "cube"])
+    assert chosen.border_ring_shape == "cube"
+    assert "--border-ring-shape" in train.format_help()
+
+
+def test_training_records_the_ring_and_an_old_run_resumes_with_its_own(tmp_path):
+    from lefusion_nnunet.checkpoints.format import load_checkpoint_content, save_checkpoint
+    from lefusion_nnunet.phantoms import generate_phantom
+    from lefusion_nnunet.training.lesion import train_lesion_model
+    from lefusion_nnunet.training.loop import LATEST, TrainConfig
+
+    folder = generate_phantom("chest", tmp_path / "raw", num_cases=3, shape_zyx=(24, 48, 48), seed=1)
+    dataset = load_raw_dataset(folder)
+    geometry = RoiGeometry((8, 16, 16), THICK)
+    config = TrainConfig(preset="tiny", steps=2, batch_size=1, checkpoint_every=1, device="cpu")
+    final = train_lesion_model(dataset, [2], tmp_path / "run", config, geometry, region_label=1, progress=False)
+    content = load_checkpoint_content(final)
+    recorded = (content["data_config"]["border_ring_shape"], content["train_config"]["border_ring_shape"])
+    assert recorded == ("in-plane-faces", "in-plane-faces")
+    latest = load_checkpoint_content(tmp_path / "run" / LATEST)
+    for key in ("data_config", "train_config"):  # as the previous version wrote it: no shape, the cube ring
+        del latest[key]["border_ring_shape"]
+    save_checkpoint(tmp_path / "run" / LATEST, latest)
+    resumed = train_lesion_model(dataset, [2], tmp_path / "run", TrainConfig(preset="tiny", steps=3, batch_size=1,
+                                                                            device="cpu"),
+                                 geometry, region_label=1, resume=True, progress=False)
+    content = load_checkpoint_content(resumed)
+    assert content["step"] == 3
+    assert content["data_config"]["border_ring_shape"] == "cube" == content["train_config"]["border_ring_shape"]

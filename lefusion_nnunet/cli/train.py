@@ -6,6 +6,9 @@ from pathlib import Path
 
 from lefusion_nnunet.cli.common import add_training_run_args, xyz_to_zyx
 
+# diffusion.inputs.RING_SHAPES (importing it would import torch); tests/test_model_inputs.py keeps them equal
+RING_SHAPE_CHOICES = ("in-plane-faces", "in-plane", "faces", "cube")
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a LeFusion lesion model on a raw dataset",
@@ -33,6 +36,11 @@ def register(sub) -> None:
     p.add_argument("--border-ring", type=int, default=1,
                    help="model voxels generated around each lesion, where real lesions end in partial-volume blur "
                         "outside their labels; voxels beyond it stay bit-identical (default: 1; 0 = the mask only)")
+    p.add_argument("--border-ring-shape", choices=RING_SHAPE_CHOICES, default="in-plane-faces",
+                   help="how each ring voxel step grows the mask: in-plane-faces (default: face neighbours along the "
+                        "axes no coarser than 1.5 x the finest, so thick slices get no ring across them), in-plane "
+                        "(all neighbours along those axes), faces (6-neighbourhood), cube (26-neighbourhood, the "
+                        "ring of earlier versions); recorded in the checkpoint")
     add_training_run_args(p, steps=4000, batch_size=8)  # TrainConfig's defaults (importing it would import torch)
     p.set_defaults(func=run)
 
@@ -44,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
                          texture_clusters=args.texture_clusters, seed=args.seed, device=args.device,
-                         border_ring=args.border_ring)
+                         border_ring=args.border_ring, border_ring_shape=args.border_ring_shape)
     final = train_lesion_model_on_dataset(
         args.dataset, args.lesion_label, config, out_dir=args.output,
         roi_size_zyx=xyz_to_zyx(args.roi_size, "--roi-size", int), spacing_zyx=xyz_to_zyx(args.spacing, "--spacing"),

@@ -9,6 +9,10 @@ from lefusion_nnunet.data.intensity import IntensitySpace
 from lefusion_nnunet.data.roi import RoiGeometry
 from lefusion_nnunet.errors import LeFusionCheckpointError
 
+#: Border ring shapes (:data:`lefusion_nnunet.diffusion.inputs.RING_SHAPES`, repeated here because ``data/``
+#: imports no torch; a test keeps the two equal). "cube" = the 26-neighbourhood ring of older checkpoints.
+BORDER_RING_SHAPES: tuple[str, ...] = ("cube", "faces", "in-plane", "in-plane-faces")
+
 
 @dataclass(frozen=True)
 class DataConfig(JsonConfig):
@@ -26,6 +30,10 @@ class DataConfig(JsonConfig):
         file_ending: the dataset's file ending.
         border_ring_voxels: model voxels generated around each lesion mask (the partial-volume edge real lesions
             have outside their labels), in training and sampling alike; 0 for checkpoints written before it.
+        border_ring_shape: how each ring step grows the mask
+            (:func:`lefusion_nnunet.diffusion.inputs.border_ring_region`): ``"cube"`` (26-neighbourhood, every
+            axis; what checkpoints written before this field used, hence the default), ``"faces"``,
+            ``"in-plane"`` or ``"in-plane-faces"`` (along the axes no coarser than 1.5 x the finest only).
     """
 
     dataset_name: str
@@ -39,6 +47,13 @@ class DataConfig(JsonConfig):
     file_ending: str = ".nii.gz"
     extra: dict = field(default_factory=dict)
     border_ring_voxels: int = 0
+    border_ring_shape: str = "cube"
+
+    def __post_init__(self) -> None:
+        if self.border_ring_shape not in BORDER_RING_SHAPES:
+            raise LeFusionCheckpointError(f"border_ring_shape {self.border_ring_shape!r} is not one of "
+                                          f"{', '.join(BORDER_RING_SHAPES)}; the checkpoint was written by a newer or "
+                                          f"a modified version of lefusion-nnunet.")
 
     @property
     def num_classes(self) -> int:
@@ -58,11 +73,13 @@ class DataConfig(JsonConfig):
 
 
 def build_data_config(dataset: RawDataset, lesion_labels: list[int], region_label: int | None, channel: int,
-                      roi: RoiGeometry, intensity: IntensitySpace, border_ring_voxels: int = 0) -> DataConfig:
+                      roi: RoiGeometry, intensity: IntensitySpace, border_ring_voxels: int = 0,
+                      border_ring_shape: str = "cube") -> DataConfig:
     names = {v: k for k, v in dataset.labels.items()}
     if region_label is not None:
         dataset.check_labels([region_label], "region label")
     return DataConfig(dataset_name=dataset.name, lesion_labels=tuple(lesion_labels),
                       label_names=tuple(names[v] for v in lesion_labels), region_label=region_label,
                       channel=channel, modality=dataset.modality(channel), roi=roi, intensity=intensity,
-                      file_ending=dataset.file_ending, border_ring_voxels=int(border_ring_voxels))
+                      file_ending=dataset.file_ending, border_ring_voxels=int(border_ring_voxels),
+                      border_ring_shape=border_ring_shape)

@@ -5,9 +5,9 @@ Used by ``lefusion synthesize``, the offline enlarger and the nnU-Net trainer al
 1. the ROI (model grid) is centred on the lesion mask and resampled from the native image;
 2. it is mapped to model space [-1, 1] by the checkpoint's intensity space;
 3. the sampler inpaints the generation region (background merged with the real ROI at every step): the lesion
-   mask plus, for models trained with one, a border ring of ``DataConfig.border_ring_voxels`` model voxels where
-   real lesions end in partial-volume blur outside their labels (model inputs: :mod:`lefusion_nnunet.diffusion.inputs`,
-   the same function training uses);
+   mask plus, for models trained with one, a border ring of ``DataConfig.border_ring_voxels`` model voxels (grown as
+   ``DataConfig.border_ring_shape`` says) where real lesions end in partial-volume blur outside their labels (model
+   inputs: :mod:`lefusion_nnunet.diffusion.inputs`, the same function training uses);
 4. the generated ROI is mapped back to native units and pasted into the native image *only inside the native
    generation region* (:func:`generation_region`): every other voxel is bit-identical to the input. The label
    written is the lesion mask itself.
@@ -180,7 +180,8 @@ class LesionSynthesizer:
         dev, c = self.device, self.data.num_classes
         inputs = lesion_model_inputs(torch.from_numpy(np.stack([p["roi"] for p in prepared])).to(dev)[:, None],
                                      torch.from_numpy(np.stack([p["masks"] for p in prepared])).to(dev),
-                                     border_ring=self.data.border_ring_voxels)
+                                     border_ring=self.data.border_ring_voxels,
+                                     ring_shape=self.data.border_ring_shape, spacing_zyx=self.data.roi.spacing_zyx)
         masks = inputs.class_masks                                                              # (B, C, Z, Y, X)
         cond = torch.from_numpy(np.stack([p["texture"] for p in prepared])).to(dev)
         x0 = self.sampler.sample(self._eps_fn(inputs.context, masks, cond), self.checkpoint.schedule, inputs.known,
@@ -200,7 +201,9 @@ class LesionSynthesizer:
         for req in requests:
             p = self._prepare(dataclasses.replace(req, texture=np.zeros(1, np.float32)), np.random.default_rng(0))
             inputs = lesion_model_inputs(torch.from_numpy(p["roi"][None, None]), torch.from_numpy(p["masks"][None]),
-                                         border_ring=self.data.border_ring_voxels)
+                                         border_ring=self.data.border_ring_voxels,
+                                         ring_shape=self.data.border_ring_shape,
+                                         spacing_zyx=self.data.roi.spacing_zyx)
             out.append(generation_region(p["union"], inputs.generate[0, 0].bool().numpy(), p["origin"], req.spacing,
                                          self.data))
         return out

@@ -105,10 +105,12 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
             raise LeFusionCheckpointError(f"{latest} holds no training state (model, optimiser) to resume from; "
                                           f"pass --overwrite to start over.")
         intensity, roi = saved.intensity, saved.roi
-        config = TrainConfig.from_dict({**state["train_config"], "steps": config.steps, "device": config.device})
+        # a run written before the ring shape was recorded keeps the ring it trained with (its DataConfig's)
+        config = TrainConfig.from_dict({"border_ring_shape": saved.border_ring_shape, **state["train_config"],
+                                        "steps": config.steps, "device": config.device})
     rois = collect_lesion_rois(dataset, lesion_labels, roi, intensity, channel, progress=progress)
     data_config = build_data_config(dataset, lesion_labels, region_label, channel, roi, rois.intensity,
-                                    border_ring_voxels=config.border_ring)
+                                    border_ring_voxels=config.border_ring, border_ring_shape=config.border_ring_shape)
     model_config = DenoiserConfig.from_preset(config.preset, image_channels=len(lesion_labels), hist_bins=HIST_BINS,
                                               cond_encoding="histogram")
     schedule_config = ScheduleConfig(num_train_timesteps=config.num_train_timesteps)
@@ -168,7 +170,9 @@ def train_lesion_model(dataset: RawDataset, lesion_labels: list[int], out_dir: P
             x0_np, m_np = augment([images[idx].numpy(), masks[idx].numpy()], rng)
             inputs = lesion_model_inputs(torch.from_numpy(x0_np).to(device)[:, None],      # (B, 1, Z, Y, X)
                                          torch.from_numpy(m_np).to(device),                 # (B, C, Z, Y, X)
-                                         border_ring=data_config.border_ring_voxels)
+                                         border_ring=data_config.border_ring_voxels,
+                                         ring_shape=data_config.border_ring_shape,
+                                         spacing_zyx=data_config.roi.spacing_zyx)
             cond = hists[idx].to(device)
             t = torch.randint(0, schedule.num_train_timesteps, (config.batch_size,), generator=gen).to(device)
             noise = torch.randn(inputs.known.shape, generator=gen).to(device)

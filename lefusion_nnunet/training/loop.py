@@ -18,6 +18,7 @@ from lefusion_nnunet import __version__
 from lefusion_nnunet.configs import JsonConfig
 from lefusion_nnunet.data.config import DataConfig
 from lefusion_nnunet.diffusion import DenoiserConfig, LesionDenoiser, ScheduleConfig
+from lefusion_nnunet.diffusion.inputs import RING_SHAPES
 from lefusion_nnunet.distributed import DistributedContext
 from lefusion_nnunet.errors import LeFusionCheckpointError, LeFusionInputError
 from lefusion_nnunet.utils import _friendly_os_error
@@ -45,10 +46,14 @@ class TrainConfig(JsonConfig):
     device: str = "auto"
     max_minutes: float | None = None   # wall-clock budget: stop early (and save) once exceeded
     border_ring: int = 1               # model voxels generated around each lesion (its partial-volume edge)
+    border_ring_shape: str = "in-plane-faces"  # how each ring step grows (diffusion.inputs.RING_SHAPES)
 
     def __post_init__(self) -> None:
         if isinstance(self.border_ring, bool) or not isinstance(self.border_ring, int) or self.border_ring < 0:
             raise LeFusionInputError(f"--border-ring {self.border_ring!r} must be a whole number of voxels >= 0.")
+        if self.border_ring_shape not in RING_SHAPES:
+            raise LeFusionInputError(f"--border-ring-shape {self.border_ring_shape!r} is not one of "
+                                     f"{', '.join(RING_SHAPES)}; pick one of those.")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "texture_clusters"):
             if getattr(self, name) < 1:
                 raise LeFusionInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
