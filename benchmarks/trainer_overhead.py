@@ -3,7 +3,8 @@
 Both trainers are built in one process on the same dataset, configuration and fold. The LeFusion bank is
 built (or reused) first and its build time is reported separately; then the mean time of one training
 iteration (``train_step(next(dataloader_train))``, i.e. data loading + augmentation + forward/backward) is
-measured in interleaved blocks (A B A B ...) after a warm-up, so drift of a shared machine hits both alike.
+measured in interleaved blocks (A B A B ...), each after an untimed warm-up and with the other trainer's loader
+workers paused, so drift of a shared machine hits both alike.
 Target: ``ratio <= 1.10``.
 
 Usage::
@@ -24,19 +25,14 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _lefusion() -> list[str]:
-    exe = shutil.which("lefusion")
-    return [exe] if exe else [sys.executable, "-m", "lefusion_nnunet.cli.main"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import build_trainer, interleaved, lefusion_cmd, repo_env  # noqa: E402
 
 
 def make_demo(workdir: Path, dataset_id: int = 962) -> str:
@@ -45,10 +41,10 @@ def make_demo(workdir: Path, dataset_id: int = 962) -> str:
         (workdir / var).mkdir(parents=True, exist_ok=True)
         os.environ[var] = str(workdir / var)
     os.environ.setdefault("nnUNet_def_n_proc", "1")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    env = repo_env()
     existing = list((workdir / "nnUNet_raw").glob(f"Dataset{dataset_id}_*"))
     if not existing:
-        subprocess.run([*_lefusion(), "phantom", "-o", str(workdir / "nnUNet_raw"), "--id", str(dataset_id),
+        subprocess.run([*lefusion_cmd(), "phantom", "-o", str(workdir / "nnUNet_raw"), "--id", str(dataset_id),
                         "--cases", "8", "--lesion-free-fraction", "0.5", "--shape", "48", "48", "32"],
                        env=env, check=True, stdout=sys.stderr)
     name = next((workdir / "nnUNet_raw").glob(f"Dataset{dataset_id}_*")).name
@@ -56,30 +52,9 @@ def make_demo(workdir: Path, dataset_id: int = 962) -> str:
         subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1"],
                        env=env, check=True, stdout=sys.stderr)
     if not list((workdir / "nnUNet_results" / name).glob("LeFusion_*/checkpoint_final.pt")):
-        subprocess.run([*_lefusion(), "train", "-d", str(dataset_id), "--lesion-label", "2", "--preset", "tiny",
+        subprocess.run([*lefusion_cmd(), "train", "-d", str(dataset_id), "--lesion-label", "2", "--preset", "tiny",
                         "--steps", "20", "--roi-size", "32", "32", "16"], env=env, check=True, stdout=sys.stderr)
     return name
-
-
-def _build(cls, dataset: str, configuration: str, fold: int, device):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
-    pre = Path(os.environ["nnUNet_preprocessed"]) / dataset
-    plans = load_json(str(pre / "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    trainer = cls(plans, configuration, fold, load_json(str(pre / "dataset.json")), device)
-    trainer.on_train_start()
-    trainer.on_train_epoch_start()
-    return trainer
-
-
-def _time_block(trainer, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        trainer.train_step(next(trainer.dataloader_train))
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +73,8 @@ def run(argv: list[str] | None = None) -> dict:
     p.add_argument("-c", "--configuration", default="3d_fullres")
     p.add_argument("-f", "--fold", type=int, default=0)
     p.add_argument("--iterations", type=int, default=20, help="timed iterations per trainer (default: 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations per trainer (default: 3)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed iterations per trainer before each block (default: 1)")
     p.add_argument("--blocks", type=int, default=4, help="interleaved blocks per trainer (default: 4)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     args = p.parse_args(argv)
@@ -117,19 +93,15 @@ def run(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="lefusion_bench_results_") as results:
         os.environ["nnUNet_results"] = results
         start = time.perf_counter()
-        lefusion = _build(LeFusionTrainer, name, args.configuration, args.fold, device)
+        lefusion = build_trainer(LeFusionTrainer, name, args.configuration, args.fold, device)
         lefusion_setup = time.perf_counter() - start
         bank = lefusion.lefusion_bank
         start = time.perf_counter()
-        baseline = _build(nnUNetTrainer, name, args.configuration, args.fold, device)
+        baseline = build_trainer(nnUNetTrainer, name, args.configuration, args.fold, device)
         baseline_setup = time.perf_counter() - start
-        times: dict[str, list[float]] = {"nnUNetTrainer": [], "LeFusionTrainer": []}
-        for trainer in (baseline, lefusion):
-            _time_block(trainer, args.warmup)
-        per_block = max(1, args.iterations // args.blocks)
-        for _ in range(args.blocks):
-            times["nnUNetTrainer"] += _time_block(baseline, per_block)
-            times["LeFusionTrainer"] += _time_block(lefusion, per_block)
+        times = interleaved({"nnUNetTrainer": baseline, "LeFusionTrainer": lefusion},
+                            lambda t: t.train_step(next(t.dataloader_train)), blocks=args.blocks,
+                            per_block=max(1, args.iterations // args.blocks), warmup=args.warmup)
         from lefusion_nnunet.integration.swap_dataset import read_draws
 
         draws = read_draws(lefusion.lefusion_draws_log) if bank is not None else None
@@ -141,7 +113,7 @@ def run(argv: list[str] | None = None) -> dict:
         "benchmark": "trainer_overhead", "dataset": name, "configuration": args.configuration, "fold": args.fold,
         "device": str(device), "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "torch": torch.__version__, "n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),
-        "timed_iterations_per_trainer": len(times["nnUNetTrainer"]),
+        "timed_iterations_per_trainer": len(times["nnUNetTrainer"]), "warmup_iterations_per_block": args.warmup,
         "nnunet_iteration_s": round(mean["nnUNetTrainer"], 4),
         "lefusion_iteration_s": round(mean["LeFusionTrainer"], 4),
         "ratio": round(ratio, 3), "target_ratio": 1.10, "within_target": ratio <= 1.10,

@@ -22,6 +22,28 @@ def write_sitk(path: Path, array_zyx: np.ndarray, spacing_xyz=(1.0, 1.0, 1.0), o
     return path
 
 
+NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def plan_and_preprocess_template(root: Path, write_raw, dataset_id: int, configurations=("3d_fullres",)) -> Path:
+    """``root/nnUNet_raw`` written by ``write_raw(raw_folder)``, then fingerprinted, planned and preprocessed by
+    nnU-Net itself (one process) into ``root/nnUNet_preprocessed``; returns ``root``."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                      preprocess)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for var in NNUNET_ENV:
+            (root / var).mkdir()
+            mp.setenv(var, str(root / var))
+        mp.setenv("nnUNet_def_n_proc", "1")
+        write_raw(root / "nnUNet_raw")
+        extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True, verbose=False)
+        plan_experiments([dataset_id])
+        preprocess([dataset_id], configurations=tuple(configurations), num_processes=(1,) * len(configurations),
+                   verbose=False)
+    return root
+
+
 def rotation_direction(angle_deg: float = 30.0) -> tuple:
     a = np.deg2rad(angle_deg)
     r = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])

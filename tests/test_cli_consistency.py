@@ -116,6 +116,15 @@ def test_cli_choices_match_the_library():
     assert set(AUTO_REGION_CHOICES) == set(AUTO_REGIONS)
 
 
+def test_variant_count_defaults_are_the_library_defaults():
+    from lefusion_nnunet.integration.trainer_settings import DEFAULT_PER_CASE
+    from lefusion_nnunet.variant_settings import VariantSettings
+
+    subs = _subcommands(build_parser())
+    assert subs["trainer-config"].parse_args(["-d", "501"]).per_case == DEFAULT_PER_CASE
+    assert subs["enlarge"].parse_args(["-d", "501", "--destination", "x"]).per_case == VariantSettings().per_case
+
+
 def test_train_command_defaults_are_the_library_defaults():
     sub = _subcommands(build_parser())["train"]
     args = sub.parse_args(["-d", "501", "--lesion-label", "2"])

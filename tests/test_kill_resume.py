@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import NNUNET_ENV
 
 from lefusion_nnunet.data.dataset import load_raw_dataset
 from lefusion_nnunet.data.roi import RoiGeometry
@@ -29,7 +30,6 @@ from lefusion_nnunet.training.loop import TrainConfig
 
 SPACING = (2.5, 1.5, 1.5)
 CMD = [sys.executable, "-m", "lefusion_nnunet.cli.main"]
-NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 TIMEOUT = 300
 
 

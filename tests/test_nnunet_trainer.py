@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import NNUNET_ENV, plan_and_preprocess_template
 
 import lefusion_nnunet.variants as variants_mod  # noqa: E402
 from lefusion_nnunet.errors import LeFusionInputError
 from lefusion_nnunet.integration import bank as bank_mod  # noqa: E402
 from lefusion_nnunet.integration.swap_dataset import SyntheticSwapDataset, read_draws  # noqa: E402
-from lefusion_nnunet.integration.trainer_settings import (TrainerSettings, load_trainer_settings,  # noqa: E402
-                                                          write_trainer_settings)
+from lefusion_nnunet.integration.trainer_settings import (DEFAULT_PER_CASE, TrainerSettings,  # noqa: E402
+                                                          load_trainer_settings, write_trainer_settings)
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = 987
@@ -32,7 +33,6 @@ DATASET = f"Dataset{DATASET_ID:03d}_LFTiny"
 LESION_CASES = ("case000", "case001", "case002")
 SPLITS = [{"train": ["case000", "case001", "case003", "case004"], "val": ["case002", "case005"]},
           {"train": ["case000", "case002", "case004", "case005"], "val": ["case001", "case003"]}]
-NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -69,19 +69,7 @@ def _write_tiny_raw(raw_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_template(tmp_path_factory):
     """nnUNet_raw + nnUNet_preprocessed (3d_fullres, made by nnU-Net) of the tiny dataset, with fixed splits."""
-    root = tmp_path_factory.mktemp("lefusion_tiny")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in NNUNET_ENV:
-            (root / var).mkdir()
-            mp.setenv(var, str(root / var))
-        mp.setenv("nnUNet_def_n_proc", "1")
-        _write_tiny_raw(root / "nnUNet_raw")
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                          preprocess)
-
-        extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, verbose=False)
-        plan_experiments([DATASET_ID])
-        preprocess([DATASET_ID], configurations=("3d_fullres",), num_processes=(1,), verbose=False)
+    root = plan_and_preprocess_template(tmp_path_factory.mktemp("lefusion_tiny"), _write_tiny_raw, DATASET_ID)
     (root / "nnUNet_preprocessed" / DATASET / "splits_final.json").write_text(json.dumps(SPLITS))
     return root
 
@@ -181,7 +169,10 @@ def _tree_hashes(folder: Path, skip=()) -> dict[str, str]:
 
 def test_settings_defaults_and_json_round_trip():
     s = TrainerSettings()
-    assert s.checkpoint is None and s.probability == 0.5 and s.variants.per_case == 2
+    assert s.checkpoint is None and s.probability == 0.5 and s.variants.per_case == DEFAULT_PER_CASE == 16
+    assert variants_mod.VariantSettings().per_case == 2  # enlarge's K is not the trainer's
+    assert TrainerSettings.from_dict({"variants": {"seed": 3}}).variants.per_case == DEFAULT_PER_CASE
+    assert TrainerSettings.from_dict({"variants": {"per_case": 3}}).variants.per_case == 3
     assert s.batch_size == 4 and s.device == "auto"
     s2 = TrainerSettings(checkpoint="/x/c.pt", probability=0.25,
                          variants=variants_mod.VariantSettings(per_case=3, sampler={"num_steps": 5}),
@@ -439,6 +430,7 @@ def test_trainer_variants_and_settings(tiny, monkeypatch):
 
 def test_trainer_trains_on_synthetic_cases_of_training_split_only(tiny, monkeypatch):
     monkeypatch.setenv("LEFUSION_PROBABILITY", "1")
+    monkeypatch.setenv("LEFUSION_PER_CASE", "2")
     data_before = _tree_hashes(tiny["data"])
     raw_before = _tree_hashes(tiny["raw"])
     t = _make_trainer("LeFusionTrainer_1epoch")
@@ -476,6 +468,7 @@ def test_trainer_trains_on_synthetic_cases_of_training_split_only(tiny, monkeypa
 def test_trainer_with_forked_augmentation_workers(tiny, monkeypatch):
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     monkeypatch.setenv("LEFUSION_PROBABILITY", "1")
+    monkeypatch.setenv("LEFUSION_PER_CASE", "2")
     t = _make_trainer("LeFusionTrainer_1epoch")
     t.on_train_start()
     for _ in range(4):

@@ -293,9 +293,15 @@ def _(env, mp):
     return train_args()
 
 
-@row("dataset-json-region-based-labels", "train", "region-based label lists are not supported")
+@row("dataset-json-regions-without-order", "train", "regions_class_order", "one integer per foreground region")
 def _(env, mp):
     edit_json(env, lambda d: d["labels"].update(lung=[1, 2]))
+    return train_args()
+
+
+@row("dataset-json-region-not-integers", "train", "a region must list one or more integer label values")
+def _(env, mp):
+    edit_json(env, lambda d: d["labels"].update(lung=[1, "x"], nodule=2) or d.update(regions_class_order=[1, 2]))
     return train_args()
 
 

@@ -112,9 +112,11 @@ def mask_settings_from_args(args: argparse.Namespace) -> dict:
 
 
 
-def add_variant_args(p: argparse.ArgumentParser, per_case_help: str) -> None:
-    """How synthetic lesions are shaped and placed: shared by `enlarge` and `trainer-config`."""
-    p.add_argument("--per-case", type=int, default=2, help=f"{per_case_help} (default: 2)")
+def add_variant_args(p: argparse.ArgumentParser, per_case_help: str, default_per_case: int = 2) -> None:
+    """How synthetic lesions are shaped and placed: shared by `enlarge` (K default 2) and `trainer-config` (K
+    default ``integration.trainer_settings.DEFAULT_PER_CASE``, passed in; a test keeps the two equal)."""
+    p.add_argument("--per-case", type=int, default=default_per_case,
+                   help=f"{per_case_help} (default: {default_per_case})")
     add_mask_control_flags(p)
     region = p.add_mutually_exclusive_group()
     region.add_argument("--region-label", type=int, default=None,

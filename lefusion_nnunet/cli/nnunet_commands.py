@@ -16,7 +16,8 @@ def register(sub) -> None:
     c.add_argument("--checkpoint", type=Path, default=None, help="lesion checkpoint (default: the dataset's)")
     c.add_argument("--probability", type=float, default=0.5,
                    help="chance that a lesion-free training case is replaced by a synthetic variant (default: 0.5)")
-    add_variant_args(c, "synthetic variants per lesion-free training case")
+    # K = integration.trainer_settings.DEFAULT_PER_CASE (not imported: the CLI starts without torch; a test checks)
+    add_variant_args(c, "synthetic variants per lesion-free training case", default_per_case=16)
     c.add_argument("--overwrite", action="store_true", help="replace an existing lefusion_trainer.json")
     add_sampler(c)
     add_device(c)

@@ -88,8 +88,24 @@ class RawDataset:
 
     @property
     def labels(self) -> dict[str, int]:
-        """Label name -> integer value (region-based label lists are not supported)."""
-        return {k: int(v) for k, v in self.dataset_json["labels"].items()}
+        """Name -> value of every integer the label maps may hold (0 = background included).
+
+        For plain datasets this is ``dataset.json``'s ``labels``. For region-based datasets (nnU-Net's
+        ``"lung": [1, 2], "nodule": 2`` with ``regions_class_order``) the label maps still hold integers; each gets
+        the name of the entry that is exactly that value (``2`` or ``[2]``), else of the smallest region holding it
+        (here 1 -> ``"lung"``), suffixed ``" (value N)"`` where that name is taken.
+        """
+        return label_values(self.dataset_json["labels"])
+
+    @property
+    def regions(self) -> dict[str, tuple[int, ...]]:
+        """``dataset.json``'s labels as nnU-Net's regions: name -> the label-map values it covers."""
+        return {k: _as_values(v) for k, v in self.dataset_json["labels"].items()}
+
+    @property
+    def region_based(self) -> bool:
+        """True when a label lists several values (nnU-Net then trains on regions, ``regions_class_order``)."""
+        return any(len(set(v)) > 1 for v in self.regions.values())
 
     @property
     def channel_names(self) -> dict[str, str]:
@@ -153,13 +169,7 @@ def load_raw_dataset(name_or_path: str | int | Path, raw_root: Path | None = Non
     if not isinstance(djson["file_ending"], str) or not djson["file_ending"].startswith("."):
         raise LeFusionInputError(f"'file_ending' in {djson_path} is {djson['file_ending']!r}; set it to the "
                                  f"image files' ending, e.g. \".nii.gz\".")
-    for name, value in djson["labels"].items():
-        if isinstance(value, (list, tuple)):
-            raise LeFusionInputError(f"label {name!r} in {djson_path} is {value!r}; region-based label lists are "
-                                     f"not supported by LeFusion, use integer labels.")
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise LeFusionInputError(f"label {name!r} in {djson_path} is {value!r}, not an integer; labels must map "
-                                     f"names to integer values.")
+    check_label_entries(djson, djson_path)
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     if "dataset" not in djson and not (folder / "imagesTr").is_dir():
@@ -182,6 +192,52 @@ def load_raw_dataset(name_or_path: str | int | Path, raw_root: Path | None = Non
             raise LeFusionInputError(f"case {c.case_id} has {len(c.images)} image file(s) in {folder / 'imagesTr'} "
                                      f"but {djson_path} declares {n_channels} channel(s); {fix}.")
     return RawDataset(folder=folder, dataset_json=djson, cases=cases)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_values(value) -> tuple[int, ...]:
+    """A ``dataset.json`` label entry (``2`` or a region ``[1, 2]``) as the label-map values it covers."""
+    return (int(value),) if _is_int(value) else tuple(int(v) for v in value)
+
+
+def check_label_entries(djson: dict, djson_path: Path) -> None:
+    """``labels`` maps names to integers or, for nnU-Net's region-based training, to non-empty lists of integers
+    together with a ``regions_class_order`` of one value per foreground region."""
+    regions = 0
+    for name, value in djson["labels"].items():
+        if isinstance(value, (list, tuple)):
+            if not value or not all(_is_int(v) and v >= 0 for v in value):
+                raise LeFusionInputError(f"label {name!r} in {djson_path} is {value!r}; a region must list one or "
+                                         f"more integer label values, e.g. [1, 2].")
+            regions += any(int(v) != 0 for v in value)
+        elif not _is_int(value) or value < 0:
+            raise LeFusionInputError(f"label {name!r} in {djson_path} is {value!r}, not an integer; labels must map "
+                                     f"names to integer values (or, region-based, to lists of them).")
+        else:
+            regions += int(value) != 0 and name != "ignore"
+    if any(isinstance(v, (list, tuple)) and len(set(v)) > 1 for v in djson["labels"].values()):
+        order = djson.get("regions_class_order")
+        if not isinstance(order, list) or len(order) != regions:
+            raise LeFusionInputError(f"{djson_path} declares region-based labels (lists) but its "
+                                     f"regions_class_order is {order!r}; add one integer per foreground region "
+                                     f"({regions}) as nnU-Net requires.")
+
+
+def label_values(labels: dict) -> dict[str, int]:
+    """Name -> label-map value for ``dataset.json``'s ``labels`` (see :attr:`RawDataset.labels`)."""
+    entries = {k: _as_values(v) for k, v in labels.items()}
+    out: dict[str, int] = {}
+    for name, values in entries.items():  # exact entries first: "nodule": 2 or "nodule": [2]
+        if len(set(values)) == 1 and values[0] not in out.values():
+            out[name] = values[0]
+    for v in sorted({v for values in entries.values() for v in values} - set(out.values())):
+        holders = sorted((len(set(vals)), i, k) for i, (k, vals) in enumerate(entries.items()) if v in vals)
+        name = holders[0][2]
+        out[name if name not in out else f"{name} (value {v})"] = v
+    return out
 
 
 def label_presence(dataset: RawDataset, values: list[int]) -> dict[str, bool]:

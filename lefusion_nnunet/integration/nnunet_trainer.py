@@ -14,6 +14,15 @@ What differs from ``nnUNetTrainer`` (nothing else is overridden):
   dataset, the final validation and its metrics are real-only.
 - ``on_train_end``: logs how many loads used a synthetic case (from ``<output_folder>/lefusion_draws.log``).
 
+Every nnU-Net setup works: any plans (``-p nnUNetResEncUNetMPlans`` etc.; the bank is keyed by plans and
+configuration), ``2d``, ``3d_fullres``, ``3d_lowres``, region-based labels, ``--c`` (the bank is reused),
+``--val`` (no bank needed) and ``nnUNetv2_predict``. The cascade (``3d_cascade_fullres``) is refused when the
+trainer is built: its input includes the 3d_lowres prediction of each case, which would not show the synthetic
+lesion (``tests/test_nnunet_setups.py`` runs each of these with nnU-Net's own commands).
+
+While the bank is built, a progress line (done/total variants, s per variant, ETA) goes to nnU-Net's log
+at the first batch, then every :data:`PROGRESS_SECONDS` and at the end.
+
 Settings come from ``lefusion_trainer.json`` and ``LEFUSION_*`` environment variables
 (:mod:`lefusion_nnunet.integration.trainer_settings`), because nnU-Net's trainer ``__init__`` takes no extra
 arguments. ``LEFUSION_ITERATIONS_PER_EPOCH`` / ``LEFUSION_VAL_ITERATIONS_PER_EPOCH`` shorten epochs for
@@ -23,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from os.path import join
+from typing import Any, Callable
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -40,7 +51,67 @@ from lefusion_nnunet.utils import sha256_file
 from lefusion_nnunet.validation import validate_variant_inputs
 
 __all__ = ["LeFusionTrainer", "LeFusionTrainer_1epoch", "LeFusionTrainer_5epochs", "LeFusionTrainer_p025",
-           "LeFusionTrainer_p075"]
+           "LeFusionTrainer_p075", "BankProgress", "PROGRESS_SECONDS"]
+
+#: Seconds between two progress lines of a bank build in nnU-Net's log.
+PROGRESS_SECONDS = 30.0
+
+
+class BankProgress:
+    """Progress of a bank build as log lines: ``done/total`` variants, seconds per variant and the ETA.
+
+    :meth:`add` is called with the number of variants each network batch made; a line is logged after the first
+    batch, then at most every ``every_seconds`` and when ``total`` is reached; :meth:`finish` logs the final
+    count if no line showed it (skipped variants never reach ``total``). Times are wall-clock seconds from
+    :meth:`restart` (called once the lesion model is loaded), so they include nnU-Net's preprocessing of each
+    variant.
+    """
+
+    def __init__(self, total: int, log: Callable[[str], None], every_seconds: float = PROGRESS_SECONDS,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.total, self.done, self.log, self.every, self.clock = int(total), 0, log, float(every_seconds), clock
+        self.lines, self._logged = 0, -1
+        self.restart()
+
+    def restart(self) -> None:
+        """Start timing now."""
+        self.start = self._last = self.clock()
+
+    def add(self, n: int) -> None:
+        """``n`` more variants were made (one network batch)."""
+        self.done += int(n)
+        now = self.clock()
+        if self.lines and self.done < self.total and now - self._last < self.every:
+            return
+        self._line(now)
+
+    def finish(self) -> None:
+        """Log the final count unless the last line already showed it."""
+        if self.done != self._logged:
+            self._line(self.clock())
+
+    def _line(self, now: float) -> None:
+        self._last, self.lines, self._logged = now, self.lines + 1, self.done
+        per = (now - self.start) / max(self.done, 1)
+        eta = per * max(self.total - self.done, 0)
+        share = 100 * self.done / max(self.total, 1)
+        self.log(f"LeFusion bank progress: {self.done}/{self.total} variants ({share:.0f} %), {per:.2f} s per "
+                 f"variant, ETA {eta:.0f} s")
+
+
+class _CountingSynthesizer:
+    """The bank's lesion synthesizer, reporting each batch it makes to a :class:`BankProgress`."""
+
+    def __init__(self, synth: Any, progress: BankProgress):
+        self._synth, self._progress = synth, progress
+
+    def synthesize(self, requests, *args, **kwargs):
+        out = self._synth.synthesize(requests, *args, **kwargs)
+        self._progress.add(len(requests))
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self._synth, name)
 
 
 class LeFusionTrainer(nnUNetTrainer):
@@ -55,6 +126,13 @@ class LeFusionTrainer(nnUNetTrainer):
         settings = load_trainer_settings(self.plans_manager.dataset_name, require_checkpoint=False)
         if self.lefusion_probability is not None:
             settings = dataclasses.replace(settings, probability=self.lefusion_probability)
+        if self.is_cascaded and settings.probability > 0:
+            message = (f"LeFusionTrainer does not support nnU-Net's cascade ({configuration} takes the "
+                       f"{self.configuration_manager.previous_stage_name} prediction of each case as input, which "
+                       f"would not show a synthetic lesion); train 3d_fullres or 3d_lowres with LeFusionTrainer, or "
+                       f"the cascade with nnUNetTrainer.")
+            self.print_to_log_file(f"LeFusion: error: {message}")
+            raise LeFusionInputError(message)
         self.lefusion_settings = settings
         for name in ("num_iterations_per_epoch", "num_val_iterations_per_epoch"):
             if getattr(settings, name) is not None:
@@ -81,10 +159,6 @@ class LeFusionTrainer(nnUNetTrainer):
 
     def _lefusion_wrap(self, dataset_tr):
         settings = self.lefusion_settings
-        if self.is_cascaded:
-            self.print_to_log_file("LeFusion: cascaded configurations are not supported; training on real "
-                                   "cases only")
-            return dataset_tr
         if settings.probability == 0:
             self.print_to_log_file("LeFusion: probability 0; training on real cases only")
             return dataset_tr
@@ -146,13 +220,23 @@ class LeFusionTrainer(nnUNetTrainer):
             self.print_to_log_file(f"LeFusion: building the synthetic bank ({settings.variants.per_case} "
                                    f"variants for each of {len(free)} lesion-free training cases) on {device}")
             raw = load_raw_dataset(self.plans_manager.dataset_name)
-            return _bank.build_bank_contents(
-                folder, synthesizer_factory=lambda: _bank.make_synthesizer(settings.checkpoint, settings.variants,
-                                                                           device, settings.batch_size),
+
+            progress = BankProgress(settings.variants.per_case * len(free), self.print_to_log_file)
+
+            def synthesizer():
+                synth = _bank.make_synthesizer(settings.checkpoint, settings.variants, device, settings.batch_size)
+                progress.restart()
+                return _CountingSynthesizer(synth, progress)
+
+            contents = _bank.build_bank_contents(
+                folder, synthesizer_factory=synthesizer,
                 raw_dataset=raw, case_ids=free, variant_settings=settings.variants,
                 plans_manager=self.plans_manager, configuration_manager=self.configuration_manager,
                 dataset_json=self.dataset_json, dataset_class=self.dataset_class,
                 preprocessed_folder=self.preprocessed_dataset_folder, log=lambda msg: self.print_to_log_file(msg))
+            if progress.lines:
+                progress.finish()
+            return contents
 
         root = join(self.preprocessed_dataset_folder_base, _bank.BANK_FOLDER)
         if _bank.SyntheticBank.load(join(root, spec.key), spec.key) is None:  # a build is needed: check first

@@ -13,7 +13,7 @@ nnU-Net builds trainers with a fixed ``__init__`` signature, so the trainer cann
    ``LEFUSION_CHECKPOINT``                       lesion checkpoint (default: newest ``lefusion train`` run)
    ``LEFUSION_PROBABILITY``                      P: chance that a lesion-free training case is replaced by
                                                  one of its synthetic variants when drawn (0..1, default 0.5)
-   ``LEFUSION_PER_CASE``                         K: synthetic variants per lesion-free training case (default 2)
+   ``LEFUSION_PER_CASE``                         K: synthetic variants per lesion-free training case (default 16)
    ``LEFUSION_SEED``                             seed of the variants (default 0)
    ``LEFUSION_BATCH_SIZE``                       ROIs per diffusion network call while building (default 4)
    ``LEFUSION_DEVICE``                           ``auto`` (the trainer's device), ``cpu`` or ``cuda``
@@ -52,6 +52,20 @@ ENV_VAL_ITERATIONS = "LEFUSION_VAL_ITERATIONS_PER_EPOCH"
 ENV_VARS = (ENV_SETTINGS, ENV_CHECKPOINT, ENV_PROBABILITY, ENV_PER_CASE, ENV_SEED, ENV_BATCH_SIZE, ENV_DEVICE,
             ENV_ITERATIONS, ENV_VAL_ITERATIONS)
 
+#: K, variants per lesion-free training case, when neither the settings file nor ``LEFUSION_PER_CASE`` sets it.
+#: A 1,000-epoch nnU-Net run makes 1,000 x 250 iterations x batch 2 = 500,000 case loads: with 100 training cases
+#: each lesion-free case is drawn ~5,000 times, P = 0.5 of them synthetic, so K = 2 would show each synthetic
+#: lesion ~1,250 times and K = 16 ~160 times (each still augmented by nnU-Net). The bank grows linearly in K:
+#: per lesion-free case 16 x ~0.5 s (the default sampler's network time per lesion on 2 CPU cores, which is most
+#: of the build; a GPU is faster) = ~8 s, and 16 x 0.34 MB = ~5.4 MB on disk at 512 x 512 x 128 voxels, ~4 % of
+#: the 128 MiB float32 case nnU-Net stores. 50 lesion-free training cases: 800 variants, ~7 min on 2 CPU cores,
+#: ~270 MB, built once per fold and reused by ``--c`` and later runs.
+DEFAULT_PER_CASE = 16
+
+
+def _default_variants() -> VariantSettings:
+    return VariantSettings(per_case=DEFAULT_PER_CASE)
+
 
 @dataclass(frozen=True)
 class TrainerSettings(JsonConfig):
@@ -60,7 +74,8 @@ class TrainerSettings(JsonConfig):
     Attributes:
         checkpoint: lesion checkpoint file, or None for the dataset's default checkpoint.
         probability: P, chance that a drawn lesion-free training case is replaced by one of its variants.
-        variants: :class:`lefusion_nnunet.variants.VariantSettings` (``per_case`` = K, masks, textures, sampler).
+        variants: :class:`lefusion_nnunet.variants.VariantSettings` (``per_case`` = K, masks, textures, sampler);
+            K defaults to :data:`DEFAULT_PER_CASE` (16), also when a settings file's ``variants`` omit it.
         batch_size: ROIs per diffusion network call while the bank is built.
         device: ``"auto"`` (the trainer's device), ``"cpu"`` or ``"cuda"`` for building the bank.
         num_iterations_per_epoch: None keeps nnU-Net's value (250); set it for short runs.
@@ -71,7 +86,7 @@ class TrainerSettings(JsonConfig):
 
     checkpoint: str | None = None
     probability: float = 0.5
-    variants: VariantSettings = field(default_factory=VariantSettings)
+    variants: VariantSettings = field(default_factory=_default_variants)
     batch_size: int = 4
     device: str = "auto"
     num_iterations_per_epoch: int | None = None
@@ -98,6 +113,14 @@ class TrainerSettings(JsonConfig):
         per_case = getattr(self.variants, "per_case", 1)
         if not _is_int(per_case) or per_case < 1:
             raise LeFusionInputError(f"LeFusion variants per case {per_case!r} must be an integer >= 1.")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainerSettings":
+        """Inverse of :meth:`to_dict`; ``variants`` without ``per_case`` get the trainer's K (not enlarge's)."""
+        variants = d.get("variants")
+        if isinstance(variants, dict) and "per_case" not in variants:
+            d = dict(d, variants=dict(variants, per_case=DEFAULT_PER_CASE))
+        return super().from_dict(d)
 
 
 def _is_int(value: Any) -> bool:
