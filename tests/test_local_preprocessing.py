@@ -335,14 +335,45 @@ def test_each_fallback_takes_the_full_route_and_says_so(world, monkeypatch):
     """(4) Variants the crop route cannot reproduce go the full route (the reference), recorded in the manifest."""
     variants, warnings = _build_bank(world, monkeypatch, _fallback_variants(world))[0]
     assert variants["case003_lefusion000"]["route"] == "crop" and "route_reason" not in variants["case003_lefusion000"]
+    # zeros enclosed by the body leave nnU-Net's nonzero mask alone, but a T2 of 0 inside the z-scored body is far
+    # below the slice's range, which skimage's per-slice resize clips to
     assert variants["case003_lefusion001"]["route"] == "full"
-    assert "nonzero" in variants["case003_lefusion001"]["route_reason"]
+    assert "intensity range" in variants["case003_lefusion001"]["route_reason"]
     assert variants["case003_lefusion002"]["route"] == "full"
     assert "intensity range" in variants["case003_lefusion002"]["route_reason"]
     background = variants.get("case001_lefusion000")  # the full route keeps it unless nnU-Net's crop changes
     assert background is not None or any("case001_lefusion000" in w for w in warnings)
     if background is not None:
         assert background["route"] == "full" and "nonzero" in background["route_reason"]
+
+
+def test_zeros_inside_the_body_keep_the_crop_route_and_equal_nnunet(world):
+    """A lesion painted with exact zeros in every channel (CT 0 HU happens in int16 scans) inside the body:
+    nnU-Net's binary_fill_holes gives the source's nonzero mask again, so the crop route applies and agrees with
+    nnU-Net (case001: not resampled, so resize's clip range plays no part)."""
+    case = _variant(world, "case001", 5, (12.0, 15.0, 15.5), 3.0, 0.0, 0.0)
+    assert (np.asarray(case.channels[0])[np.asarray(case.label) == 2] == 0).all()
+    maker = _maker(world)
+    result = maker(case)
+    assert result.route == "crop" and result.reason is None and result.patch is not None, result
+    data, seg, _ = _pasted(maker, case, result)
+    ref_data, ref_seg, _ = _reference(world, maker, case)
+    np.testing.assert_array_equal(seg, ref_seg)
+    np.testing.assert_array_equal(data[0], ref_data[0])
+
+
+def test_nonzero_mask_unchanged_check():
+    body = np.zeros((12, 12, 12), bool)
+    body[2:10, 2:10, 2:10] = True
+    flips = np.zeros((3, 3, 3), bool)
+    flips[1, 1, 1] = True
+    assert lp.nonzero_mask_unchanged(body, flips, [(4, 7)] * 3)              # deep inside: stays filled
+    assert not lp.nonzero_mask_unchanged(body, flips, [(1, 4), (4, 7), (4, 7)])  # on the body's surface
+    assert not lp.nonzero_mask_unchanged(body, flips, [(8, 11), (4, 7), (4, 7)])  # outside the body
+    edge = np.ones((6, 6, 6), bool)
+    one = np.ones((1, 1, 1), bool)
+    assert not lp.nonzero_mask_unchanged(edge, one, [(0, 1), (2, 3), (2, 3)])   # on the case's edge
+    assert lp.nonzero_mask_unchanged(edge, one, [(2, 3)] * 3)
 
 
 def test_configurations_the_crop_route_does_not_reproduce(world, monkeypatch):
@@ -394,3 +425,4 @@ def test_local_nonzero_mask_is_nnunets_or_defers():
             decided += 1
             np.testing.assert_array_equal(mask, full[tuple(slice(a, b) for a, b in box)])
     assert decided >= 10
+

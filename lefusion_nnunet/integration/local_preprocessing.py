@@ -257,6 +257,31 @@ def local_nonzero_mask(nonzero: np.ndarray, inner: tuple[slice, ...], open_faces
     return filled[inner]
 
 
+def nonzero_mask_unchanged(source_nonzero: np.ndarray, flips: np.ndarray, box) -> bool:
+    """Whether nnU-Net's nonzero mask (``binary_fill_holes`` of "any channel != 0", 6-connected background) stays
+    the source's when the voxels ``flips`` (bool, shape of ``box``) change between zero and nonzero.
+
+    ``source_nonzero``: the source's "any channel != 0" over the whole case (native grid, bool); ``box``:
+    ``[(start, stop)]`` per axis of ``flips`` in it. Sufficient condition checked: every flipped voxel and its 6
+    neighbours lie in the source's holes-filled nonzero region, found in a block 2 voxels larger than ``box`` (a
+    hole enclosed inside the block is one of the whole case). Then a new zero voxel cannot join the background
+    outside (its path out would leave the filled region through a voxel that is nonzero, or a flipped voxel
+    whose neighbours are all inside, or an enclosed hole: none can touch the outside), and a new nonzero voxel
+    was inside the mask already. A flipped voxel on the case's edge fails the check."""
+    shape = source_nonzero.shape
+    where = np.argwhere(flips) + np.array([a for a, _ in box])
+    if not len(where):
+        return True
+    if (where == 0).any() or (where == np.array(shape) - 1).any():
+        return False
+    block = [(max(a - 2, 0), min(b + 2, n)) for (a, b), n in zip(box, shape)]
+    filled = ndi.binary_fill_holes(source_nonzero[tuple(slice(a, b) for a, b in block)])
+    grown = np.zeros_like(filled)
+    grown[tuple(slice(a - b0, b - b0) for (a, b), (b0, _) in zip(box, block))] = flips
+    grown = ndi.binary_dilation(grown, structure=ndi.generate_binary_structure(3, 1))
+    return bool(filled[grown].all())
+
+
 def bounding_box(mask: np.ndarray) -> list[tuple[int, int]] | None:
     """``[(start, stop)]`` per axis of the True voxels of ``mask`` (None if there are none); each axis is
     searched only inside the range found for the axes before it."""

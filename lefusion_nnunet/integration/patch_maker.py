@@ -244,8 +244,11 @@ class PatchMaker:
         var = np.stack([_to_dtype(ch[sl], dt).astype(np.float32) for ch, dt in zip(channels, src["dtypes"])])
         var_label = _to_dtype(label[sl], label_dtype(label, src["label_properties"])).astype(np.float32)
         changed = (var_label != self._native_seg(src)[sl]) | (var != native[(slice(None), *sl)]).any(0)
-        if ((var != 0).any(0) != (native[(slice(None), *sl)] != 0).any(0)).any():
-            return "the variant changes which voxels are nonzero, so possibly nnU-Net's nonzero mask and crop"
+        flips = (var != 0).any(0) != (native[(slice(None), *sl)] != 0).any(0)
+        if flips.any() and not lp.nonzero_mask_unchanged(
+                self._lazy(src, "nonzero", lambda: (native != 0).any(0)), flips, box):
+            return ("the variant changes which voxels are nonzero where nnU-Net's nonzero mask (and so its crop) "
+                    "could change")
         inner = lp.bounding_box(changed)
         if inner is None:
             return None
