@@ -27,7 +27,7 @@ def register(sub) -> None:
                                    "(montage PNG, enlarged dataset checked by nnU-Net) -> 1-epoch nnU-Net run "
                                    "with -tr LeFusionTrainer_1epoch. Takes a few minutes on 2 CPU cores.")
     p.add_argument("-o", "--output", type=Path, default=Path("lefusion_demo"), help="demo folder (default: ./lefusion_demo)")
-    p.add_argument("--steps", type=int, default=300, help="lesion-model training steps (default: 300)")
+    p.add_argument("--steps", type=int, default=1500, help="lesion-model training steps (default: 1500)")
     p.add_argument("--preset", choices=["tiny", "small", "base"], default="small", help="model preset (default: small)")
     p.add_argument("--cases", type=int, default=16, help="phantom cases (default: 16)")
     p.add_argument("--skip-nnunet", action="store_true", help="stop before the nnU-Net steps")
