@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,15 @@ def plan_and_preprocess_template(root: Path, write_raw, dataset_id: int, configu
         preprocess([dataset_id], configurations=tuple(configurations), num_processes=(1,) * len(configurations),
                    verbose=False)
     return root
+
+
+def use_template_copy(template: Path, tmp_path: Path, monkeypatch) -> Path:
+    """Copy the nnU-Net folders of :func:`plan_and_preprocess_template`'s ``template`` into ``tmp_path`` and point
+    nnU-Net's environment variables at the copy (a private, writable dataset per test); returns ``tmp_path``."""
+    for var in NNUNET_ENV:
+        shutil.copytree(template / var, tmp_path / var)
+        monkeypatch.setenv(var, str(tmp_path / var))
+    return tmp_path
 
 
 def rotation_direction(angle_deg: float = 30.0) -> tuple:

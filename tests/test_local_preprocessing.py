@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import NNUNET_ENV, plan_and_preprocess_template
+from conftest import plan_and_preprocess_template, use_template_copy
 
 import lefusion_nnunet.variants as variants_mod
 from lefusion_nnunet.integration import bank as bank_mod
@@ -165,9 +164,7 @@ def world(template, tmp_path, monkeypatch):
 
     from lefusion_nnunet.data.dataset import load_raw_dataset
 
-    for var in NNUNET_ENV:
-        shutil.copytree(template / var, tmp_path / var)
-        monkeypatch.setenv(var, str(tmp_path / var))
+    use_template_copy(template, tmp_path, monkeypatch)
     pre = tmp_path / "nnUNet_preprocessed" / DATASET
     pm = PlansManager(str(pre / "nnUNetPlans.json"))
     return dict(root=tmp_path, pre=pre, plans=pm, dataset_json=load_json(str(pre / "dataset.json")),

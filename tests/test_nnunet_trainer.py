@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import NNUNET_ENV, plan_and_preprocess_template
+from conftest import NNUNET_ENV, plan_and_preprocess_template, use_template_copy
 
 import lefusion_nnunet.variants as variants_mod  # noqa: E402
 from lefusion_nnunet.errors import LeFusionInputError
@@ -125,9 +125,7 @@ def _fake_make_variants(calls: Calls):
 @pytest.fixture
 def tiny(tiny_template, tmp_path, monkeypatch):
     """A private copy of the tiny dataset with nnU-Net env vars set, a fake checkpoint and a fake sampler."""
-    for var in NNUNET_ENV:
-        shutil.copytree(tiny_template / var, tmp_path / var)
-        monkeypatch.setenv(var, str(tmp_path / var))
+    use_template_copy(tiny_template, tmp_path, monkeypatch)
     monkeypatch.setenv("nnUNet_def_n_proc", "1")
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     for var in ("LEFUSION_SETTINGS", "LEFUSION_CHECKPOINT", "LEFUSION_PROBABILITY", "LEFUSION_PER_CASE",

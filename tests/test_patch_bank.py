@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import NNUNET_ENV, plan_and_preprocess_template
+from conftest import plan_and_preprocess_template, use_template_copy
 
 import lefusion_nnunet.variants as variants_mod
 from lefusion_nnunet.integration import bank as bank_mod
@@ -107,9 +106,7 @@ def world(template, tmp_path, monkeypatch):
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    for var in NNUNET_ENV:
-        shutil.copytree(template / var, tmp_path / var)
-        monkeypatch.setenv(var, str(tmp_path / var))
+    use_template_copy(template, tmp_path, monkeypatch)
     made: list = []
     monkeypatch.setattr(bank_mod, "make_variants", _fake_make_variants(made))
     pre = tmp_path / "nnUNet_preprocessed" / DATASET
