@@ -295,13 +295,15 @@ def make_variants(synth, raw_dataset, case_ids: list[str], settings):
 def build_bank_contents(out_dir: Path, *, synthesizer_factory: Callable[[], Any], raw_dataset, case_ids: list[str],
                         variant_settings, plans_manager, configuration_manager, dataset_json: dict,
                         dataset_class, preprocessed_folder: Path | str | None = None,
-                        log: Callable[[str], None] = print, crop_route: bool = True) -> tuple[dict, list[str]]:
+                        log: Callable[[str], None] = print, crop_route: bool = True,
+                        progress: Callable[[int], None] | None = None) -> tuple[dict, list[str]]:
     """Make the variants of ``case_ids`` and save each one's patch into ``out_dir``; returns (variants, warnings).
 
     ``preprocessed_folder`` holds the source cases as nnU-Net stored them (default: the configuration's folder
     under ``$nnUNet_preprocessed``); ``dataset_class`` is the nnU-Net dataset class that reads them. Each
     variant's entry records its ``route`` ("crop" or "full", :mod:`~lefusion_nnunet.integration.patch_maker`;
-    ``crop_route=False`` forces "full") and, for "full", ``route_reason``.
+    ``crop_route=False`` forces "full") and, for "full", ``route_reason``. ``progress`` is called after each
+    source case with the number of its variants handled (stored or skipped).
     """
     if preprocessed_folder is None:
         from nnunetv2.paths import nnUNet_preprocessed
@@ -337,6 +339,8 @@ def build_bank_contents(out_dir: Path, *, synthesizer_factory: Callable[[], Any]
                 if result.reason is not None:
                     variants[case.case_id]["route_reason"] = result.reason
                 done_sources.add(case.source_case)
+            if progress is not None:
+                progress(len(cases))
             log(f"LeFusion bank: {len(variants)} synthetic cases from {len(done_sources)} of "
                 f"{len(case_ids)} lesion-free training cases"
                 + (f" ({seconds / len(variants):.2f} s preprocessing per variant; routes "

@@ -34,7 +34,7 @@ import dataclasses
 import os
 import time
 from os.path import join
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -60,8 +60,8 @@ PROGRESS_SECONDS = 30.0
 class BankProgress:
     """Progress of a bank build as log lines: ``done/total`` variants, seconds per variant and the ETA.
 
-    :meth:`add` is called with the number of variants each network batch made; a line is logged after the first
-    batch, then at most every ``every_seconds`` and when ``total`` is reached; :meth:`finish` logs the final
+    :meth:`add` is called with the number of variants each source case gave; a line is logged after the first
+    case, then at most every ``every_seconds`` and when ``total`` is reached; :meth:`finish` logs the final
     count if no line showed it (skipped variants never reach ``total``). Times are wall-clock seconds from
     :meth:`restart` (called once the lesion model is loaded), so they include nnU-Net's preprocessing of each
     variant.
@@ -78,7 +78,7 @@ class BankProgress:
         self.start = self._last = self.clock()
 
     def add(self, n: int) -> None:
-        """``n`` more variants were made (one network batch)."""
+        """``n`` more variants were handled (one source case's)."""
         self.done += int(n)
         now = self.clock()
         if self.lines and self.done < self.total and now - self._last < self.every:
@@ -97,21 +97,6 @@ class BankProgress:
         share = 100 * self.done / max(self.total, 1)
         self.log(f"LeFusion bank progress: {self.done}/{self.total} variants ({share:.0f} %), {per:.2f} s per "
                  f"variant, ETA {eta:.0f} s")
-
-
-class _CountingSynthesizer:
-    """The bank's lesion synthesizer, reporting each batch it makes to a :class:`BankProgress`."""
-
-    def __init__(self, synth: Any, progress: BankProgress):
-        self._synth, self._progress = synth, progress
-
-    def synthesize(self, requests, *args, **kwargs):
-        out = self._synth.synthesize(requests, *args, **kwargs)
-        self._progress.add(len(requests))
-        return out
-
-    def __getattr__(self, name: str):
-        return getattr(self._synth, name)
 
 
 class LeFusionTrainer(nnUNetTrainer):
@@ -225,15 +210,16 @@ class LeFusionTrainer(nnUNetTrainer):
 
             def synthesizer():
                 synth = _bank.make_synthesizer(settings.checkpoint, settings.variants, device, settings.batch_size)
-                progress.restart()
-                return _CountingSynthesizer(synth, progress)
+                progress.restart()  # time the variants, not the model's loading
+                return synth
 
             contents = _bank.build_bank_contents(
                 folder, synthesizer_factory=synthesizer,
                 raw_dataset=raw, case_ids=free, variant_settings=settings.variants,
                 plans_manager=self.plans_manager, configuration_manager=self.configuration_manager,
                 dataset_json=self.dataset_json, dataset_class=self.dataset_class,
-                preprocessed_folder=self.preprocessed_dataset_folder, log=lambda msg: self.print_to_log_file(msg))
+                preprocessed_folder=self.preprocessed_dataset_folder, log=lambda msg: self.print_to_log_file(msg),
+                progress=progress.add)
             if progress.lines:
                 progress.finish()
             return contents
