@@ -14,10 +14,14 @@ One run, printed as flat JSON (units in the key names, the exact command under `
 4. **Time to the first training iteration**, real ``nnUNetv2_train D 3d_fullres F -tr T -device cpu`` runs,
    interleaved: nnUNetTrainer, LeFusionTrainer (fresh bank), nnUNetTrainer, ..., LeFusionTrainer (bank reused),
    nnUNetTrainer. Measured from our start of the process to nnU-Net's timestamped ``Epoch 0`` log line (the
-   network, the loaders and their first batch, and LeFusion's bank, all exist then). Each run then trains
-   ``--train-seconds`` more and is stopped; peak RSS of the main process (whole run, and up to the bank's
-   completion) and peak PSS of the process tree (main process + loader workers) are recorded. Target: the fresh
-   LeFusion run starts at most 10 % + its bank's network time later than nnUNetTrainer.
+   network, the loaders and their first batch exist then). LeFusion's bank is built in ``--bank-build`` mode:
+   ``background`` (the trainer's default: training starts at once, the bank is built alongside; its
+   ``bank_ready`` time is the thread's summary line) or ``before-training`` (the bank exists at ``Epoch 0``).
+   Each run then trains ``--train-seconds`` more and is stopped; a fresh background run trains at least until its
+   bank is complete (``--fresh-train-seconds``, default from the in-process build time), so that the reused run
+   finds it. Peak RSS of the main process (whole run, and up to the bank's completion) and peak PSS of the
+   process tree (main process + loader workers) are recorded. Target: the fresh LeFusion run starts at most
+   10 % + its bank's network time later than nnUNetTrainer.
 5. **Loader throughput**: both trainers built in this process, ``next(trainer.dataloader_train)`` timed in
    interleaved blocks after the same untimed drain, the same ``nnUNet_n_proc_DA`` workers, the idle trainer's
    workers paused. Target: LeFusion >= 0.95 x nnUNetTrainer's cases per second.
@@ -25,7 +29,8 @@ One run, printed as flat JSON (units in the key names, the exact command under `
 Usage::
 
     python benchmarks/clinical_scale.py WORKDIR [--shape 512 512 128] [--cases 6] [--per-case 2] [--fold 0]
-        [--checkpoint lesion.pt] [--workers 2] [--train-seconds 120] [--out benchmarks/results/clinical_scale.json]
+        [--checkpoint lesion.pt] [--workers 2] [--train-seconds 120] [--bank-build background]
+        [--out benchmarks/results/clinical_scale.json]
 
 Needs ``lefusion install-trainer`` (done here when missing; left installed, as that command leaves it). Logs of
 the training runs: ``WORKDIR/train_runs/``. Peak training memory needs ``--train-seconds`` to cover at least one
@@ -54,6 +59,9 @@ from _common import (build_trainer, emit, lefusion_cmd, loader_throughput, peak_
 
 DATASET_ID, NAME = 964, "LFClinicalScale"
 DATASET = f"Dataset{DATASET_ID}_{NAME}"
+# the trainer's log lines (lefusion_nnunet/integration/nnunet_trainer.py): the build's announcement ("... in the
+# background" in background mode, logged once the loaders exist) and the bank's summary line, logged when the bank
+# is complete (by the build thread in background mode, before the loaders are built otherwise)
 BANK_MILESTONES = {"bank_start": r"^LeFusion: building the synthetic bank",
                    "bank_ready": r"^LeFusion: \d+ synthetic cases of"}
 FIRST_ITERATION_TARGET = 0.10   # fresh LeFusion may start <= 10 % + its network time later
@@ -75,6 +83,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=1, help="fresh-bank LeFusion runs (default: 1)")
     ap.add_argument("--train-seconds", type=float, default=120.0,
                     help="training after the first iteration starts, per run, for peak memory (default: 120)")
+    ap.add_argument("--bank-build", choices=("background", "before-training"), default="background",
+                    help="LeFusionTrainer's bank-build mode in the nnUNetv2_train runs (default: background, the "
+                         "trainer's default)")
+    ap.add_argument("--fresh-train-seconds", type=float, default=None,
+                    help="training after the first iteration of a fresh background run, which must cover the "
+                         "bank's build (default: the larger of --train-seconds and 3 x the in-process build + 60)")
     ap.add_argument("--run-timeout", type=float, default=3600.0, help="per nnUNetv2_train run (default: 3600 s)")
     ap.add_argument("--loader-blocks", type=int, default=3)
     ap.add_argument("--loader-batches", type=int, default=8, help="timed batches per block (default: 8)")
@@ -144,7 +158,7 @@ def _bank_build(work: Path, settings, pm, cm, pre: Path, device: str) -> dict:
 
     def factory():
         synth = bank_mod.make_synthesizer(settings.checkpoint, settings.variants, device, settings.batch_size)
-        inner = synth.synthesize
+        inner = synth.synthesize_edits
 
         def timed(*a, **k):
             t0 = time.perf_counter()
@@ -152,7 +166,7 @@ def _bank_build(work: Path, settings, pm, cm, pre: Path, device: str) -> dict:
                 return inner(*a, **k)
             finally:
                 synth_s[0] += time.perf_counter() - t0
-        synth.synthesize = timed
+        synth.synthesize_edits = timed
         model = getattr(getattr(synth, "checkpoint", None), "model", None)
         if model is not None:  # the denoiser's forward calls: the network time proper
             started = [0.0]
@@ -205,8 +219,12 @@ def _bank_build(work: Path, settings, pm, cm, pre: Path, device: str) -> dict:
     }
 
 
-def _train_runs(work: Path, args: argparse.Namespace, env: dict, install_shim) -> dict:
-    """Interleaved nnUNetv2_train runs: A, (B fresh, A) x repeats, B reused, A."""
+def _train_runs(work: Path, args: argparse.Namespace, env: dict, install_shim, fresh_train_s: float) -> dict:
+    """Interleaved nnUNetv2_train runs: A, (B fresh, A) x repeats, B reused, A. A fresh run trains
+    ``fresh_train_s`` after its first iteration; each LeFusion run records whether the bank was complete when it
+    started (``bank_complete_before``) and when it was stopped (``bank_complete_after``)."""
+    from lefusion_nnunet.integration.bank_store import SyntheticBank
+
     exe = Path(sys.executable).with_name("nnUNetv2_train")
     train = str(exe) if exe.is_file() else "nnUNetv2_train"
     plan = ["nnunet"] + ["lefusion_fresh", "nnunet"] * args.repeats + ["lefusion_reused", "nnunet"]
@@ -222,12 +240,20 @@ def _train_runs(work: Path, args: argparse.Namespace, env: dict, install_shim) -
         shutil.rmtree(folder, ignore_errors=True)
         cmd = [train, str(DATASET_ID), "3d_fullres", args.fold, "-tr", trainer, "-device", args.device]
         print(f"clinical_scale: run {i + 1}/{len(plan)}: {shlex.join(cmd)}", file=sys.stderr)
-        r = timed_nnunet_train(cmd, dict(env, nnUNet_results=str(folder)), folder / "stdout.txt",
-                               train_seconds=args.train_seconds, timeout_s=args.run_timeout,
+        complete = lambda: any(SyntheticBank.load(b) is not None for b in bank_root.glob("*"))  # noqa: E731
+        before = complete() if trainer == "LeFusionTrainer" else None
+        r = timed_nnunet_train(cmd, dict(env, nnUNet_results=str(folder), LEFUSION_BANK_BUILD=args.bank_build),
+                               folder / "stdout.txt",
+                               train_seconds=fresh_train_s if label == "lefusion_fresh" else args.train_seconds,
+                               timeout_s=args.run_timeout,
                                milestones=BANK_MILESTONES if trainer == "LeFusionTrainer" else None)
         if r.get("error"):
             raise RuntimeError(f"nnUNetv2_train {trainer} (run {i + 1}): {r['error']}")
-        print(f"clinical_scale: {label}: first iteration after {r['first_iteration_s']} s", file=sys.stderr)
+        if trainer == "LeFusionTrainer":
+            r.update(bank_complete_before=before, bank_complete_after=complete())
+        print(f"clinical_scale: {label}: first iteration after {r['first_iteration_s']} s"
+              + (f", bank ready after {r.get('bank_ready_s')} s" if trainer == "LeFusionTrainer" else ""),
+              file=sys.stderr)
         runs[label].append(r)
     return runs
 
@@ -237,7 +263,7 @@ def _mean(values: list) -> float | None:
     return round(float(np.mean(values)), 2) if values else None
 
 
-def _summarise_runs(runs: dict, network_per_variant: float | None) -> dict:
+def _summarise_runs(runs: dict, network_per_variant: float | None, variants_in_process: int) -> dict:
     out: dict = {}
     for label, rs in runs.items():
         out[f"first_iteration_{label}_runs_s"] = [r["first_iteration_s"] for r in rs]
@@ -255,10 +281,16 @@ def _summarise_runs(runs: dict, network_per_variant: float | None) -> dict:
     out["lefusion_fresh_bank_build_logged_s"] = _mean(built)
     out["lefusion_fresh_bank_phase_s"] = _mean([(r.get("bank_ready_s") or 0) - (r.get("bank_start_s") or 0)
                                                 for r in fresh if r.get("bank_ready_s")])
+    out["lefusion_fresh_bank_ready_s"] = _mean([r.get("bank_ready_s") for r in fresh])  # None: not within the run
+    out["lefusion_fresh_bank_ready_after_first_iteration_s"] = _mean(
+        [r["bank_ready_s"] - r["first_iteration_s"] for r in fresh if r.get("bank_ready_s") is not None])
+    out["lefusion_fresh_bank_complete_at_stop"] = all(r.get("bank_complete_after") for r in fresh)
+    out["lefusion_reused_bank_was_complete"] = all(r.get("bank_complete_before") for r in runs["lefusion_reused"])
     out["lefusion_fresh_peak_rss_through_bank_build_mb"] = max((r.get("peak_rss_to_bank_ready_mb") or 0)
                                                                for r in fresh) or None
     base, first = out["first_iteration_nnunet_s"], out["first_iteration_lefusion_fresh_s"]
-    network = network_per_variant * counts[0] if counts and network_per_variant is not None else None
+    n_variants = counts[0] if counts else variants_in_process  # (a background bank may not finish in the run)
+    network = network_per_variant * n_variants if network_per_variant is not None else None
     out["lefusion_fresh_bank_network_estimate_s"] = round(network, 2) if network is not None else None
     if base and first is not None and network is not None:
         allowed = FIRST_ITERATION_TARGET * base + network
@@ -309,8 +341,8 @@ def run(argv: list[str] | None = None) -> dict:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from lefusion_nnunet.integration.install import install_trainer_shim, shim_installed
-    from lefusion_nnunet.integration.trainer_settings import (ENV_CHECKPOINT, ENV_PER_CASE, ENV_PROBABILITY,
-                                                              ENV_VARS, load_trainer_settings)
+    from lefusion_nnunet.integration.trainer_settings import (ENV_CHECKPOINT, ENV_PER_CASE, ENV_PROBABILITY, ENV_VARS,
+                                                              load_trainer_settings)
 
     wall = time.perf_counter()
     args = _parse(argv)
@@ -342,9 +374,15 @@ def run(argv: list[str] | None = None) -> dict:
     # the shim stays (guarded, harmless, what `lefusion install-trainer` leaves): removing it at the end could
     # break another nnUNetv2_train -tr LeFusionTrainer running meanwhile
     result["trainer_shim_installed_by_benchmark"] = not shim_installed()
-    runs = _train_runs(work, args, repo_env(), install_trainer_shim)
+    fresh_train_s = args.fresh_train_seconds
+    if fresh_train_s is None:
+        fresh_train_s = args.train_seconds if args.bank_build == "before-training" else \
+            max(args.train_seconds, 3 * result["bank_build_s"] + 60)
+    result.update(bank_build_mode=args.bank_build, lefusion_fresh_train_seconds=round(fresh_train_s, 1))
+    runs = _train_runs(work, args, repo_env(), install_trainer_shim, fresh_train_s)
     result.update(train_runs_dir=str(work / "train_runs"),
-                  **_summarise_runs(runs, result["network_seconds_per_variant"]))
+                  **_summarise_runs(runs, result["network_seconds_per_variant"], result["variants"]))
+    os.environ["LEFUSION_BANK_BUILD"] = "before-training"  # the loader is timed on a complete bank, never a build
     result.update(_loader(args))
     result["total_wall_s"] = round(time.perf_counter() - wall, 1)
     return result

@@ -41,6 +41,7 @@ def make_demo(workdir: Path, dataset_id: int = 962) -> str:
         (workdir / var).mkdir(parents=True, exist_ok=True)
         os.environ[var] = str(workdir / var)
     os.environ.setdefault("nnUNet_def_n_proc", "1")
+    os.environ.setdefault("LEFUSION_BANK_BUILD", "before-training")  # iterations are timed once the bank exists
     env = repo_env()
     existing = list((workdir / "nnUNet_raw").glob(f"Dataset{dataset_id}_*"))
     if not existing:

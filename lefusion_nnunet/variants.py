@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Collection, Iterator
 
 import numpy as np
+from scipy import ndimage
 
 from lefusion_nnunet.checkpoints.loaders import check_mask_checkpoint_matches
 from lefusion_nnunet.data.dataset import RawDataset
@@ -30,13 +31,14 @@ from lefusion_nnunet.data.io import (ImageVolume, check_same_grid, read_image, r
 from lefusion_nnunet.data.lung_region import lung_region
 from lefusion_nnunet.data.mask_library import MaskLibrary
 from lefusion_nnunet.data.masks import ellipsoid_mask, mask_equivalent_diameter, mask_volume_mm3, nested_class_masks
-from lefusion_nnunet.data.placement import allowed_region, paste_mask, place_mask
+from lefusion_nnunet.data.placement import allowed_box, allowed_region, place_mask
 from lefusion_nnunet.data.roi import mask_fits_roi, plan_roi_origin
 from lefusion_nnunet.errors import LeFusionInputError
 from lefusion_nnunet.paths import find_default_checkpoint
 from lefusion_nnunet.seeding import seeded_generator, seeded_rng
 from lefusion_nnunet.synthesis.lesion import LesionRequest
 from lefusion_nnunet.synthesis.masks import MaskGenerator
+from lefusion_nnunet.synthetic_case import SyntheticCase
 from lefusion_nnunet.validation import resolve_region_label
 from lefusion_nnunet.variant_settings import VariantSettings, sampler_record
 
@@ -49,30 +51,6 @@ log = logging.getLogger(__name__)
 SYNTHETIC_INFIX = "_lefusion"
 # Shrink factor and number of tries when a lesion does not fit the model ROI.
 _ROI_SHRINK, _ROI_TRIES = 0.85, 8
-
-
-@dataclass
-class SyntheticCase:
-    """One synthetic training case.
-
-    Attributes:
-        case_id: ``f"{source_case}_lefusion{k:03d}"``.
-        source_case: the real case it was made from.
-        channels: native ``(Z, Y, X)`` arrays, one per image channel; only the model channel differs from the
-            source, and only inside the lesion.
-        label: ``(Z, Y, X)`` int16: source label with the lesion class values written inside the lesion.
-        provenance: JSON-safe record (source, mask source, centre, volume, texture, seeds, sampler, checkpoint).
-        reference: the source :class:`ImageVolume` (geometry and stored pixel types for writing).
-        label_properties: the source label's reader properties (geometry and stored pixel type).
-    """
-
-    case_id: str
-    source_case: str
-    channels: list[np.ndarray]
-    label: np.ndarray
-    provenance: dict
-    reference: ImageVolume | None = field(default=None, repr=False)
-    label_properties: dict | None = field(default=None, repr=False)
 
 
 class VariantWarning(str):
@@ -119,13 +97,16 @@ class _CaseContext:
     label_props: dict
     allowed: np.ndarray
     region: str
+    value_range: tuple[float, float]            # the model's intensity range for this case (once per case)
+    allowed_bounds: tuple[np.ndarray, np.ndarray] | None = None  # bounding box of ``allowed`` (once per case)
 
 
 @dataclass
 class _Plan:
     case_id: str
     k: int
-    masks: np.ndarray                       # (C, Z, Y, X) bool, native grid
+    masks: np.ndarray                       # (C, z, y, x) bool, a tight block of the native grid at ``offset``
+    offset: np.ndarray                      # native voxel index (z, y, x) of masks[:, 0, 0, 0]
     texture: np.ndarray
     texture_spec: list[str]
     info: dict
@@ -205,14 +186,16 @@ class _VariantMaker:
         else:
             allowed = allowed_region(label, image=image, lesion_labels=self.lesion_labels)
             what = "body"
-        return _CaseContext(case_id, vol, label, lprops, allowed, what)
+        return _CaseContext(case_id, vol, label, lprops, allowed, what, self.data.intensity.value_range_for(image),
+                            allowed_box(allowed))
 
-    def _roi_origin(self, masks: np.ndarray, spacing, margin: float = 1.0) -> np.ndarray | None:
-        """The planned model-ROI origin of a lesion (native voxels, z y x), or None when it does not fit the ROI
-        with ``margin`` model voxels to spare."""
+    def _roi_origin(self, masks: np.ndarray, spacing, margin: float = 1.0, offset=(0, 0, 0)) -> np.ndarray | None:
+        """The planned model-ROI origin of a lesion (native voxels, z y x) whose ``(C, z, y, x)`` masks start at
+        native voxel ``offset``, or None when it does not fit the ROI with ``margin`` model voxels to spare."""
         union = masks.any(0)
-        origin = plan_roi_origin(union, spacing, self.data.roi)
-        return origin if mask_fits_roi(union, spacing, origin, self.data.roi, margin=margin) else None
+        offset = np.asarray(offset, np.float64)
+        origin = plan_roi_origin(union, spacing, self.data.roi, offset)
+        return origin if mask_fits_roi(union, spacing, origin - offset, self.data.roi, margin=margin) else None
 
     def _roi_fits(self, masks: np.ndarray, spacing, margin: float = 1.0) -> bool:
         return self._roi_origin(masks, spacing, margin) is not None
@@ -240,8 +223,9 @@ class _VariantMaker:
         return center
 
     def _shape_and_place(self, ctx: _CaseContext, k: int, rng: np.random.Generator, center) \
-            -> tuple[np.ndarray, dict, float, int] | VariantWarning:
-        """Make a mask and put it in the case: ``(full (C, Z, Y, X) mask, info, diameter, tries)`` or a warning."""
+            -> tuple[np.ndarray, np.ndarray, dict, float, int] | VariantWarning:
+        """Make a mask and put it in the case: ``(tight (C, z, y, x) masks, their native offset (z, y, x), info,
+        diameter, tries)`` or a warning."""
         s, spacing = self.settings, ctx.volume.spacing
         requested = diameter = float(rng.uniform(*s.size_mm))
         too_big = VariantWarning(ctx.case_id, k, "lesion does not fit the model ROI",
@@ -256,9 +240,10 @@ class _VariantMaker:
                 if made is None:
                     return VariantWarning(ctx.case_id, k, "no valid position inside the allowed region",
                                           f"{ctx.region}, {diameter:.1f} mm lesion")
-                if self._roi_fits(made.masks, spacing, margin=0.0):
+                block, offset = _tight_block(made.masks)
+                if self._roi_fits(block, spacing, margin=0.0):
                     info = {**made.info, "checkpoint_sha256": gen.checkpoint.file_sha256}
-                    return made.masks, info, requested, tries
+                    return block, offset, info, requested, tries
                 diameter *= _ROI_SHRINK
             return too_big
         masks, info = self._make_mask(rng, diameter, spacing)
@@ -269,11 +254,11 @@ class _VariantMaker:
                 return too_big
             diameter *= _ROI_SHRINK
             masks, info = self._make_mask(rng, diameter, spacing)
-        offset = place_mask(masks, ctx.allowed, rng, center_zyx=center)
+        offset = place_mask(masks, ctx.allowed, rng, center_zyx=center, allowed_bounds=ctx.allowed_bounds)
         if offset is None:
             return VariantWarning(ctx.case_id, k, "no valid position inside the allowed region",
                                   f"{ctx.region}, {mask_equivalent_diameter(masks, spacing):.1f} mm lesion")
-        return paste_mask(masks, offset, ctx.volume.shape_zyx), info, requested, tries
+        return masks, np.asarray(offset, np.int64), info, requested, tries
 
     def plan(self, ctx: _CaseContext, k: int) -> _Plan | VariantWarning:
 
@@ -288,26 +273,27 @@ class _VariantMaker:
         made = self._shape_and_place(ctx, k, rng, center)
         if isinstance(made, VariantWarning):
             return made
-        full, info, requested, tries = made
-        origin = self._roi_origin(full, spacing, margin=0.0)  # planned once; ROI origin rounding may shift a voxel
+        masks, offset, info, requested, tries = made
+        # planned once; ROI origin rounding may shift a voxel
+        origin = self._roi_origin(masks, spacing, margin=0.0, offset=offset)
         if origin is None:
             return VariantWarning(ctx.case_id, k, "lesion does not fit the model ROI", "after placement")
         texture = np.asarray(self.synth.texture_condition(list(self.specs), rng), np.float32)
-        union = full.any(0)
-        idx = np.argwhere(union)
+        union = masks.any(0)
+        idx = np.argwhere(union) + offset
         center_vox = (idx.min(0) + idx.max(0)) / 2.0
-        volume = mask_volume_mm3(full, spacing)
+        volume = mask_volume_mm3(masks, spacing)
         info = {
             "mask_source": s.mask_source, "mask": info,
             "requested_diameter_mm": round(requested, 4),
-            "diameter_mm": round(mask_equivalent_diameter(full, spacing), 4),
+            "diameter_mm": round(mask_equivalent_diameter(masks, spacing), 4),
             "diameter_capped": tries > 0, "volume_mm3": round(volume, 4), "voxels": int(union.sum()),
-            "class_voxels": {str(v): int(full[i].sum()) for i, v in enumerate(self.lesion_labels)},
+            "class_voxels": {str(v): int(masks[i].sum()) for i, v in enumerate(self.lesion_labels)},
             "center_voxel_zyx": [float(v) for v in center_vox],
             "center_world_xyz_mm": voxel_to_world(center_vox, ctx.volume.properties),
             "requested_center_world_xyz_mm": None if s.center_mm is None else list(s.center_mm),
             "offset_zyx": [int(v) for v in idx.min(0)], "allowed_region": ctx.region}
-        return _Plan(ctx.case_id, k, full, texture, [str(sp) for sp in self.specs], info, origin)
+        return _Plan(ctx.case_id, k, masks, offset, texture, [str(sp) for sp in self.specs], info, origin)
 
     def capped_warning(self, p: _Plan) -> VariantWarning | None:
         if not p.info["diameter_capped"]:
@@ -339,28 +325,38 @@ class _VariantMaker:
             return [], warnings
         requests = [LesionRequest(image=contexts[p.case_id].volume.channel(self.channel),
                                   spacing=contexts[p.case_id].volume.spacing, class_masks=p.masks, texture=p.texture,
-                                  roi_origin_zyx=p.roi_origin)
+                                  value_range=contexts[p.case_id].value_range, roi_origin_zyx=p.roi_origin,
+                                  mask_offset_zyx=tuple(int(v) for v in p.offset))
                     for p in plans]
         generators = [seeded_generator(self.settings.seed, p.case_id, p.k) for p in plans]
-        outputs = self.synth.synthesize(requests, generator=generators,
-                                        rng=seeded_rng(self.settings.seed, "chunk", *case_ids), progress=progress)
+        edits = self.synth.synthesize_edits(requests, generator=generators,
+                                            rng=seeded_rng(self.settings.seed, "chunk", *case_ids), progress=progress)
         cases = []
-        for p, out in zip(plans, outputs):
+        for p, edit in zip(plans, edits):
             ctx = contexts[p.case_id]
-            new = np.asarray(out, np.float32)  # pasted once by the synthesizer: bit-identical outside the lesion
-            channels = [np.array(ctx.volume.channel(i)) if i != self.channel else new
-                        for i in range(ctx.volume.array.shape[0])]
-            label = ctx.label.copy()
+            window = edit.window
+            label = np.array(ctx.label[window.slices], copy=True)
             for i, v in enumerate(self.lesion_labels):
-                label[p.masks[i]] = v
+                label[edit.class_masks[i]] = v
             prov = {"case_id": synthetic_case_id(p.case_id, p.k), "source_case": p.case_id, "variant": p.k,
                     **p.info, "texture": p.texture_spec, "texture_histogram": [float(v) for v in p.texture],
                     "seed": int(self.settings.seed), "sampler": self.sampler_record,
                     "guidance_scale": self.guidance, "channel": self.channel,
                     "checkpoint_sha256": self.checkpoint_sha}
-            cases.append(SyntheticCase(synthetic_case_id(p.case_id, p.k), p.case_id, channels, label, prov,
-                                       reference=ctx.volume, label_properties=ctx.label_props))
+            # pasted once by the synthesizer: bit-identical outside the lesion's generation region
+            cases.append(SyntheticCase.from_edit(
+                synthetic_case_id(p.case_id, p.k), p.case_id, ctx.volume, ctx.label, window.box,
+                {self.channel: np.asarray(edit.values, np.float32)}, label, prov, label_properties=ctx.label_props))
         return cases, warnings
+
+
+def _tight_block(masks_czyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A whole-volume ``(C, Z, Y, X)`` mask as its tight block and the block's offset (z, y, x)."""
+    found = ndimage.find_objects(masks_czyx.any(0).astype(np.uint8))
+    if not found or found[0] is None:
+        return masks_czyx[:, :1, :1, :1], np.zeros(3, np.int64)
+    box = found[0]
+    return np.ascontiguousarray(masks_czyx[(slice(None), *box)]), np.array([b.start for b in box], np.int64)
 
 
 def make_variants(synth: "LesionSynthesizer", dataset: RawDataset, case_ids: list[str], settings: VariantSettings,

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from lefusion_nnunet.data.roi import LesionEdit, NativeWindow
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
@@ -29,8 +31,7 @@ NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 def plan_and_preprocess_template(root: Path, write_raw, dataset_id: int, configurations=("3d_fullres",)) -> Path:
     """``root/nnUNet_raw`` written by ``write_raw(raw_folder)``, then fingerprinted, planned and preprocessed by
     nnU-Net itself (one process) into ``root/nnUNet_preprocessed``; returns ``root``."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                      preprocess)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
 
     with pytest.MonkeyPatch.context() as mp:
         for var in NNUNET_ENV:
@@ -52,6 +53,22 @@ def use_template_copy(template: Path, tmp_path: Path, monkeypatch) -> Path:
         shutil.copytree(template / var, tmp_path / var)
         monkeypatch.setenv(var, str(tmp_path / var))
     return tmp_path
+
+
+def block_edit(request, fill=None):
+    """What a test double of ``LesionSynthesizer.synthesize_edits`` returns for one request: a
+    :class:`~lefusion_nnunet.data.roi.LesionEdit` whose window is the request's mask block (or the whole
+    image) and whose values are the image there, with ``fill(n)`` (n values) written inside the lesion."""
+    masks = np.asarray(request.class_masks, bool)
+    start = np.zeros(3, int) if request.mask_offset_zyx is None else np.asarray(request.mask_offset_zyx, int)
+    shape = tuple(int(v) for v in np.shape(request.image))
+    window = NativeWindow(tuple(int(v) for v in start), tuple(int(a + b) for a, b in zip(start, masks.shape[1:])),
+                          shape)
+    values = np.array(np.asarray(request.image)[window.slices], copy=True)
+    union = masks.any(0)
+    if fill is not None:
+        values[union] = fill(int(union.sum()))
+    return LesionEdit(window, values, union, masks)
 
 
 def rotation_direction(angle_deg: float = 30.0) -> tuple:

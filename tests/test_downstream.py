@@ -186,7 +186,7 @@ def test_copy_paste_changes_only_the_mask(small_phantom):
     # hard paste (no blending): every mask voxel comes from the lesion's own statistics
     hard = CopyPasteSynthesizer(synth.lesions, synth.data, blend_mm=0.0)
     idx = hard.choose_lesion(req.texture)
-    filled = hard.fill(req, idx)
+    filled = hard.fill(req, idx).apply(np.asarray(req.image, np.float32))  # the edit on the whole image
     les = hard.lesions[idx]
     assert np.array_equal(filled[~mask], req.image[~mask].astype(np.float32))
     assert filled[mask].mean() == pytest.approx(float(les.values[les.union].mean()), abs=1.0)
@@ -347,7 +347,7 @@ def test_copy_paste_multiclass_and_mr_transfer():
     masks[0, 3:7, 3:7, 3:5] = True
     masks[1, 3:7, 3:7, 5:7] = True
     req = LesionRequest(image=image, spacing=(1.0, 1.0, 1.0), class_masks=masks, value_range=(0.0, 200.0))
-    out = synth.fill(req, 1)
+    out = synth.fill(req, 1).apply(np.asarray(req.image, np.float32))
     assert np.array_equal(out[~masks.any(0)], image[~masks.any(0)])
     # MR: source (0..100) mapped to the target's (0..200): class means double, classes keep their own values
     assert out[masks[0]].mean() == pytest.approx(2 * two_class.values[two_class.masks[0]].mean(), rel=1e-4)

@@ -198,57 +198,98 @@ def test_enlarge_killed_at_random_moments_leaves_no_destination_and_resumes_iden
 # ------------------------------------------------------------------------------------------------ trainer bank
 
 BANK_SCRIPT = textwrap.dedent('''
-    import sys, time
+    import sys, time, zlib
     from pathlib import Path
-    from lefusion_nnunet.integration import bank
+    import numpy as np
+    from lefusion_nnunet.integration import bank, bank_store
+    from lefusion_nnunet.integration.swap_dataset import Patch, save_patch
 
-    root, progress = Path(sys.argv[1]), Path(sys.argv[2])
-    spec = bank.BankSpec(checkpoint_sha256="c", variants={"per_case": 2}, fold="0", configuration="3d_fullres",
+    root, made_log = Path(sys.argv[1]), Path(sys.argv[2])
+    sources = [f"s{i:02d}" for i in range(12)]
+    spec = bank.BankSpec(checkpoint_sha256="c", variants={"per_case": 3}, fold="0", configuration="3d_fullres",
                          plans_name="nnUNetPlans", data_identifier="d", plans_sha256="p", lesion_labels=(2,),
-                         case_ids=("a", "b"))
+                         case_ids=tuple(sources))
 
-    def build(folder):
-        for i in range(400):
-            (folder / f"v{i:03d}.npz").write_bytes(b"x" * 4096)
-            (folder / f"v{i:03d}.pkl").write_bytes(b"p")
-            progress.write_text(str(i))
-            time.sleep(0.01)
-        return {f"v{i:03d}": {"source_case": "a"} for i in range(400)}, []
+    def build(folder):  # the protocol of bank.build_bank_contents: patches, then the source's record
+        records = bank_store.read_records(folder)
+        for source in sources:
+            if source in records:
+                continue
+            with open(made_log, "a") as f:
+                f.write(source + "\\n")
+            entries = {}
+            for k in range(3):  # depends only on (source, k), as the variants do
+                rng = np.random.default_rng(zlib.crc32(f"{source}/{k}".encode()))
+                patch = Patch(rng.normal(size=(1, 20, 30, 30)).astype(np.float32),
+                              rng.integers(0, 3, (1, 20, 30, 30)).astype(np.int16),
+                              np.array([[k, k + 20], [0, 30], [0, 30]]), {2: np.zeros((0, 4), np.int64)})
+                vid = f"{source}_lefusion{k:03d}"
+                entries[vid] = {"source_case": source, "patch_bytes": save_patch(bank_store.patch_path(folder, vid),
+                                                                                 patch)}
+                time.sleep(0.01)
+            bank_store.write_record(folder, source, entries, [])
+            records[source] = {"variants": entries, "warnings": []}
+        return {v: e for s in sources for v, e in records[s]["variants"].items()}, []
 
     bank.ensure_bank(spec, root, build, log=lambda m: None)
 ''')
 
 
-def test_bank_build_killed_midway_is_never_used_and_is_rebuilt(world, tmp_path):
-    from lefusion_nnunet.integration import bank
+def _bank_patches(folder: Path) -> dict:
+    from lefusion_nnunet.integration.swap_dataset import load_patch
+
+    return {p.name: (load_patch(p).data, load_patch(p).seg, load_patch(p).bbox) for p in sorted(folder.glob("*.npz"))}
+
+
+def test_bank_build_killed_midway_keeps_finished_sources_and_resumes_to_the_same_bank(world, tmp_path):
+    """SIGKILL during a bank build: no bank.json, a record only for sources whose patches are all stored; the next
+    build makes only the other sources and its bank equals an uninterrupted one array for array."""
+    import numpy as np
+
+    from lefusion_nnunet.integration import bank, bank_store
 
     rng = random.Random(3)
-    root, progress = tmp_path / "lefusion_bank", tmp_path / "progress"
-    proc = subprocess.Popen([sys.executable, "-c", BANK_SCRIPT, str(root), str(progress)], env=world["env"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = rng.randrange(5, 100)
+    root, made = tmp_path / "lefusion_bank", tmp_path / "made.txt"
+    script = [sys.executable, "-c", BANK_SCRIPT]
+    proc = subprocess.Popen(script + [str(root), str(made)], env=world["env"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    target = rng.randrange(2, 8)
 
-    def built_some() -> bool:
-        try:
-            return int(progress.read_text() or -1) >= target
-        except (OSError, ValueError):
-            return False
-    wait_until(built_some, proc, f"{target} bank entries")
+    def recorded() -> int:
+        folders = [p for p in root.glob("3d_fullres_fold0_*") if p.is_dir()] if root.is_dir() else []
+        return len(bank_store.read_records(folders[0])) if folders else 0
+    wait_until(lambda: recorded() >= target, proc, f"{target} finished sources")
+    time.sleep(rng.uniform(0.0, 0.03))
     kill(proc)
-    spec = bank.BankSpec(checkpoint_sha256="c", variants={"per_case": 2}, fold="0", configuration="3d_fullres",
-                         plans_name="nnUNetPlans", data_identifier="d", plans_sha256="p", lesion_labels=(2,),
-                         case_ids=("a", "b"))
-    assert not (root / spec.key).exists() and (root / f".{spec.key}.partial").is_dir()
-    assert bank.SyntheticBank.load(root / spec.key, spec.key) is None
+    proc.wait()
+    (folder,) = [p for p in root.glob("3d_fullres_fold0_*") if p.is_dir()]
+    key = folder.name
+    assert not (folder / "bank.json").exists() and bank.SyntheticBank.load(folder, key) is None
+    records = bank_store.read_records(folder)
+    assert len(records) >= target
+    for source, record in records.items():  # every recorded patch is complete
+        assert sorted(record["variants"]) == [f"{source}_lefusion{k:03d}" for k in range(3)]
+        for vid in record["variants"]:
+            assert bank_store.patch_path(folder, vid).stat().st_size == record["variants"][vid]["patch_bytes"]
+    first = made.read_text().split()
 
-    def quick(folder):
-        for v in ("a_lefusion000", "b_lefusion000"):
-            (folder / f"{v}.npz").write_bytes(b"y")
-            (folder / f"{v}.pkl").write_bytes(b"q")
-        return {"a_lefusion000": {"source_case": "a"}, "b_lefusion000": {"source_case": "b"}}, []
+    finish = subprocess.run(script + [str(root), str(made)], env=world["env"], capture_output=True, text=True,
+                            timeout=TIMEOUT)  # the dead build's lock is free
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    remade = made.read_text().split()[len(first):]
+    assert remade == [s for s in (f"s{i:02d}" for i in range(12)) if s not in records]  # finished ones kept
+    resumed = bank.SyntheticBank.load(folder, key)
+    assert resumed is not None and resumed.num_variants == 36
+    assert not [p for p in folder.rglob(".*")]  # no temporary file left
 
-    rebuilt = bank.ensure_bank(spec, root, quick, log=lambda m: None)  # the dead build's lock is free
-    assert rebuilt.built and rebuilt.num_variants == 2
-    assert sorted(p.name for p in rebuilt.folder.iterdir()) == sorted(
-        ["a_lefusion000.npz", "a_lefusion000.pkl", "b_lefusion000.npz", "b_lefusion000.pkl", "bank.json"])
-    assert not (root / f".{spec.key}.partial").exists()
+    other = tmp_path / "uninterrupted"
+    done = subprocess.run(script + [str(other), str(tmp_path / "made2.txt")], env=world["env"], capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _bank_patches(folder), _bank_patches(other / key)
+    assert sorted(a) == sorted(b) and len(a) == 36
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            np.testing.assert_array_equal(x, y)
+    assert sorted(p.name for p in (folder / "cases").iterdir()) == \
+        sorted(p.name for p in (other / key / "cases").iterdir())

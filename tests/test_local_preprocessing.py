@@ -314,7 +314,7 @@ def _build_bank(world, monkeypatch, made: dict, plans=None, crop_route=True):
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    def fake(synth, dataset, case_ids, settings):
+    def fake(synth, dataset, case_ids, settings, done=()):
         for cid in case_ids:
             yield made.get(cid, []), []
     monkeypatch.setattr(bank_mod, "make_variants", fake)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import rotation_direction
+from conftest import block_edit, rotation_direction
 from scipy import ndimage
 
 from lefusion_nnunet.checkpoints.format import load_checkpoint_content
@@ -276,8 +276,8 @@ class _FakeSynth:
     def texture_condition(self, specs, rng):
         return np.full(16 * self.checkpoint.data.num_classes, 1 / 16, np.float32)
 
-    def synthesize(self, requests, generator=None, rng=None, progress=False):
-        return [np.array(r.image, copy=True) for r in requests]
+    def synthesize_edits(self, requests, generator=None, rng=None, progress=False):
+        return [block_edit(r) for r in requests]
 
 
 def test_variants_with_diffusion_masks_and_center(cardiac, mask_ckpt):

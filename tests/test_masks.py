@@ -209,3 +209,34 @@ def test_lesion_components_keep_the_classes_of_one_lesion_together():
     assert a[0].sum() == 8 and a[1].sum() == 5 and not (a[0] & a[1]).any()
     assert b.shape == (2, 2, 2, 2) and b[0].sum() == 0 and b[1].all()
     assert list(lesion_components(label, [7])) == []
+
+
+def test_place_mask_draws_uniformly_from_the_valid_offsets():
+    """Rejection sampling keeps placement uniform over every valid offset (what the FFT route draws from)."""
+    allowed = np.zeros((10, 30, 30), bool)
+    allowed[2:8, 3:9, 3:9] = True          # a 6^3 block: a 4^3 mask has 27 valid offsets
+    allowed[2:8, 20:26, 20:26] = True      # a second block far away: 27 more; none in between
+    mask = np.ones((1, 4, 4, 4), bool)
+    valid, base = valid_offsets(mask[0], allowed)
+    expected = {tuple(int(v) for v in o + base) for o in np.argwhere(valid)}
+    assert len(expected) == 54
+    rng = np.random.default_rng(0)
+    counts: dict = {}
+    for _ in range(54 * 60):
+        offset = tuple(int(v) for v in place_mask(mask, allowed, rng))
+        counts[offset] = counts.get(offset, 0) + 1
+    assert set(counts) == expected                                  # only valid offsets, and every one of them
+    freq = np.array(list(counts.values()))
+    assert freq.min() > 25 and freq.max() < 100                     # ~60 each (binomial sd ~7.7)
+
+
+def test_place_mask_falls_back_to_every_valid_offset_in_thin_regions(monkeypatch):
+    from lefusion_nnunet.data import placement
+
+    allowed = np.zeros((30, 30, 30), bool)
+    allowed[:, 5, 5] = True
+    allowed[:, 25, 25] = True              # bounding box 30 x 21 x 21: a random offset almost never fits
+    allowed[10:14, 20:23, 20:23] = True    # the one place a 4 x 3 x 3 block fits
+    monkeypatch.setattr(placement, "PLACEMENT_TRIES", 3)
+    rng = np.random.default_rng(1)
+    assert place_mask(np.ones((1, 4, 3, 3), bool), allowed, rng).tolist() == [10, 20, 20]

@@ -3,6 +3,7 @@
 sub-voxel lesions, prototype jitter, seeding)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from lefusion_nnunet.data.histogram import (HIST_BINS, Prototypes, TextureSpec, 
 from lefusion_nnunet.data.intensity import IntensitySpace
 from lefusion_nnunet.data.io import read_image
 from lefusion_nnunet.data.lesions import collect_lesion_rois
-from lefusion_nnunet.data.masks import nested_class_masks
-from lefusion_nnunet.data.roi import RoiGeometry, extract_roi_mask, plan_roi_origin
+from lefusion_nnunet.data.masks import nested_class_masks, roi_mask_to_native
+from lefusion_nnunet.data.roi import RoiGeometry, extract_roi, extract_roi_mask, plan_roi_origin
 from lefusion_nnunet.diffusion import DenoiserConfig, LesionDenoiser, NoiseSchedule, SamplerConfig, ScheduleConfig
 from lefusion_nnunet.diffusion.inputs import lesion_model_inputs
+from lefusion_nnunet.errors import LeFusionInputError
 from lefusion_nnunet.seeding import seeded_generator
 from lefusion_nnunet.synthesis.lesion import LesionRequest, LesionSynthesizer
 from lefusion_nnunet.variants import class_frequencies
@@ -463,3 +465,53 @@ def test_training_records_the_ring_and_an_old_run_resumes_with_its_own(tmp_path)
     content = load_checkpoint_content(resumed)
     assert content["step"] == 3
     assert content["data_config"]["border_ring_shape"] == "cube" == content["train_config"]["border_ring_shape"]
+
+
+# ---- the ROI's native window (issue 14: synthesis touches only the lesion's neighbourhood) -----------------------
+
+@pytest.mark.parametrize("spacing, where", [
+    ((0.4, 2.5, 2.5), "corner"),     # 2.5 native voxels per model voxel along z: the ring reaches past floor - 1
+    ((2.5, 0.7, 0.7), "middle"),
+    ((1.0, 1.0, 1.0), "edge")])      # no resampling: exact copies
+def test_window_path_equals_the_whole_image_path(spacing, where):
+    """The model inputs, the generation region and the pasted result are computed on the ROI's native window only;
+    they equal the whole-image functions, also where the ROI leaves the image, and a mask block at an offset gives
+    the same edit as the whole-volume mask."""
+    rng = np.random.default_rng(3)
+    shape = (40, 64, 64)
+    image = rng.normal(-600, 80, shape).astype(np.float32)
+    masks = np.zeros((2, *shape), bool)
+    z, y, x = {"corner": (1, 1, 2), "middle": (18, 30, 29), "edge": (36, 1, 30)}[where]
+    masks[0, z:z + 3, y:y + 4, x:x + 4] = True
+    masks[1, z + 1, y + 1:y + 3, x + 1:x + 3] = True
+    masks[0] &= ~masks[1]
+    data = DataConfig(dataset_name="D", lesion_labels=(2, 3), label_names=("a", "b"), region_label=None, channel=0,
+                      modality="CT", roi=RoiGeometry((16, 16, 16), (1.0, 2.0, 2.0)), intensity=IntensitySpace(),
+                      border_ring_voxels=1, border_ring_shape="cube")
+    synth = _synthesizer(data)
+    with torch.no_grad():
+        for p in synth.checkpoint.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    whole = LesionRequest(image, spacing, masks, texture=np.full(32, 1 / 16, np.float32))
+    p = synth._prepare(whole, np.random.default_rng(0))
+    window = p["window"]
+    assert np.prod(window.shape) < np.prod(shape) / 4   # only the neighbourhood is read
+    origin = p["origin"]
+    assert np.array_equal(p["roi"], data.intensity.to_model(extract_roi(image, spacing, origin, data.roi),
+                                                            data.intensity.value_range_for(image)))
+    assert np.array_equal(p["masks"], np.stack([extract_roi_mask(m, spacing, origin, data.roi) for m in masks]))
+    inputs = lesion_model_inputs(torch.from_numpy(p["roi"][None, None]), torch.from_numpy(p["masks"][None]),
+                                 border_ring=1, ring_shape="cube", spacing_zyx=data.roi.spacing_zyx)
+    ring = roi_mask_to_native(inputs.generate[0, 0].bool().numpy(), origin, spacing, data.roi, shape)[0]
+    [region] = synth.generation_regions([whole])
+    assert np.array_equal(region, masks.any(0) | ring) and ring.sum() > masks.any(0).sum()
+    lo = np.argwhere(masks.any(0)).min(0)
+    hi = np.argwhere(masks.any(0)).max(0) + 1
+    block = LesionRequest(image, spacing, masks[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], texture=whole.texture,
+                          mask_offset_zyx=tuple(int(v) for v in lo))
+    [a] = synth.synthesize([whole], generator=[seeded_generator(0, "w")])
+    [edit] = synth.synthesize_edits([block], generator=[seeded_generator(0, "w")])
+    assert np.array_equal(edit.apply(image), a) and not np.array_equal(a, image)
+    assert not (a != image)[~region].any()
+    with pytest.raises(LeFusionInputError, match="do not match"):
+        synth.synthesize_edits([dataclasses.replace(block, mask_offset_zyx=(38, 0, 0))])

@@ -128,7 +128,8 @@ class World:
         self.env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                         PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
                         LEFUSION_ITERATIONS_PER_EPOCH="4", LEFUSION_VAL_ITERATIONS_PER_EPOCH="2",
-                        LEFUSION_PROBABILITY="1", LEFUSION_BATCH_SIZE="8")
+                        LEFUSION_PROBABILITY="1", LEFUSION_BATCH_SIZE="8",
+                        LEFUSION_BANK_BUILD="before-training")  # 4-iteration runs: draw from the whole bank
         self.names: dict[int, str] = {}
         self.seconds: list[tuple[str, float]] = []  # (command, wall seconds), shown with -s
 

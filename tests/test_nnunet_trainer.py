@@ -5,6 +5,7 @@ Fast tests use a tiny nnU-Net dataset preprocessed once per session by nnU-Net i
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -13,6 +14,8 @@ import pickle
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,18 +93,27 @@ def _fake_checkpoint(path: Path, lesion_labels=(2,)) -> Path:
 
 class Calls:
     def __init__(self):
-        self.make_variants: list[list[str]] = []
+        self.make_variants: list[list[str]] = []  # per call: the source cases to make (those not done)
         self.fail_after: int | None = None
+        self.delay_s = 0.0  # per source case (a slow build)
+        self.error: BaseException | None = None  # raised at the first source case
 
 
 def _fake_make_variants(calls: Calls):
-    """Paints a constant 'lesion' (label 2, 30 HU) in a 3^3 cube, at a k-dependent place."""
+    """Paints a constant 'lesion' (label 2, 30 HU) in a 3^3 cube, at a k-dependent place; skips ``done`` cases as
+    :func:`lefusion_nnunet.variants.make_variants` does (one chunk per case)."""
     from lefusion_nnunet.data.io import read_image, read_label
 
-    def fake(synth, dataset, case_ids, settings):
-        calls.make_variants.append(list(case_ids))
+    def fake(synth, dataset, case_ids, settings, done=()):
+        calls.make_variants.append([c for c in case_ids if c not in done])
         made = 0
         for cid in case_ids:
+            if cid in done:
+                yield [], []
+                continue
+            if calls.error is not None:
+                raise calls.error
+            time.sleep(calls.delay_s)
             files = dataset.case(cid)
             image = read_image(files.images)
             label, label_props = read_label(files.label)
@@ -130,7 +142,7 @@ def tiny(tiny_template, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     for var in ("LEFUSION_SETTINGS", "LEFUSION_CHECKPOINT", "LEFUSION_PROBABILITY", "LEFUSION_PER_CASE",
                 "LEFUSION_SEED", "LEFUSION_BATCH_SIZE", "LEFUSION_DEVICE", "LEFUSION_ITERATIONS_PER_EPOCH",
-                "LEFUSION_VAL_ITERATIONS_PER_EPOCH", "nnUNet_extTrainer"):
+                "LEFUSION_VAL_ITERATIONS_PER_EPOCH", "LEFUSION_BANK_BUILD", "nnUNet_extTrainer"):
         monkeypatch.delenv(var, raising=False)
     ckpt = _fake_checkpoint(tmp_path / "nnUNet_results" / DATASET / "LeFusion_tiny" / "checkpoint_final.pt")
     calls = Calls()
@@ -171,17 +183,18 @@ def test_settings_defaults_and_json_round_trip():
     assert variants_mod.VariantSettings().per_case == 2  # enlarge's K is not the trainer's
     assert TrainerSettings.from_dict({"variants": {"seed": 3}}).variants.per_case == DEFAULT_PER_CASE
     assert TrainerSettings.from_dict({"variants": {"per_case": 3}}).variants.per_case == 3
-    assert s.batch_size == 4 and s.device == "auto"
+    assert s.batch_size == 4 and s.device == "auto" and s.bank_build == "background"
     s2 = TrainerSettings(checkpoint="/x/c.pt", probability=0.25,
                          variants=variants_mod.VariantSettings(per_case=3, sampler={"num_steps": 5}),
-                         num_iterations_per_epoch=7)
+                         num_iterations_per_epoch=7, bank_build="before-training")
     d = json.loads(json.dumps(s2.to_dict()))
     assert TrainerSettings.from_dict(d) == s2
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(probability=1.5), "between 0 and 1"), (dict(batch_size=0), "batch size"),
-    (dict(device="tpu"), "device"), (dict(num_iterations_per_epoch=0), "num_iterations_per_epoch")])
+    (dict(device="tpu"), "device"), (dict(num_iterations_per_epoch=0), "num_iterations_per_epoch"),
+    (dict(bank_build="later"), r"^LeFusion bank build 'later' is unknown; use background or before-training\.$")])
 def test_settings_validation(kwargs, match):
     with pytest.raises(LeFusionInputError, match=match):
         TrainerSettings(**kwargs)
@@ -207,9 +220,11 @@ def test_settings_file_then_env_then_defaults(tiny, monkeypatch):
     monkeypatch.setenv("LEFUSION_SEED", "5")
     monkeypatch.setenv("LEFUSION_DEVICE", "cpu")
     monkeypatch.setenv("LEFUSION_ITERATIONS_PER_EPOCH", "3")
+    monkeypatch.setenv("LEFUSION_BANK_BUILD", "before-training")
     s = load_trainer_settings(DATASET)
-    assert (s.probability, s.variants.per_case, s.variants.seed, s.device, s.num_iterations_per_epoch) == \
-        (0.9, 1, 5, "cpu", 3)
+    assert (s.probability, s.variants.per_case, s.variants.seed, s.device, s.num_iterations_per_epoch,
+            s.bank_build) == (0.9, 1, 5, "cpu", 3, "before-training")
+    monkeypatch.delenv("LEFUSION_BANK_BUILD")
 
     other = tiny["root"] / "other.json"
     other.write_text(json.dumps({"probability": 0.1, "checkpoint": "missing.pt"}))
@@ -225,6 +240,8 @@ def test_settings_file_then_env_then_defaults(tiny, monkeypatch):
     ("{not json", {}, "not valid JSON"), ('{"probabilty": 0.2}', {}, "unknown LeFusion trainer setting"),
     ("{}", {"LEFUSION_PROBABILITY": "half"}, "LEFUSION_PROBABILITY"),
     ("{}", {"LEFUSION_PROBABILITY": "2"}, "between 0 and 1"),
+    ("{}", {"LEFUSION_BANK_BUILD": "soon"}, "bank build 'soon' is unknown.*LEFUSION_"),
+    ('{"bank_build": "soon"}', {}, "lefusion_trainer.json: LeFusion bank build 'soon' is unknown"),
     ("{}", {"LEFUSION_SETTINGS": "/nonexistent/x.json"}, "LEFUSION_SETTINGS")])
 def test_bad_settings_are_one_sentence_errors(tiny, monkeypatch, content, env, match):
     (tiny["pre"] / "lefusion_trainer.json").write_text(content)
@@ -294,13 +311,16 @@ def test_bank_matches_nnunet_preprocessing_and_is_reused(tiny):
     assert bank.variants_by_source == {"case003": ["case003_lefusion000", "case003_lefusion001"],
                                        "case004": ["case004_lefusion000", "case004_lefusion001"]}
     assert bank.warnings == ["case004: fake warning"]
-    assert not (root / f".{spec.key}.partial").exists() and not (bank.folder / ".raw_tmp").exists()
     manifest = json.loads((bank.folder / "bank.json").read_text())
-    assert manifest["spec"]["case_ids"] == ["case003", "case004"]
+    assert manifest["format_version"] == 4 and manifest["spec"]["case_ids"] == ["case003", "case004"]
     assert manifest["variants"]["case003_lefusion001"]["provenance"]["center"] == [9, 12, 11]
 
-    assert sorted(p.name for p in bank.folder.iterdir()) == sorted(
-        [f"{v}.npz" for v in manifest["variants"]] + ["bank.json"])  # patches only, no full cases
+    assert sorted(str(p.relative_to(bank.folder)) for p in bank.folder.rglob("*") if p.is_file()) == sorted(
+        [f"{v}.npz" for v in manifest["variants"]] + ["bank.json", "cases/case003.json", "cases/case004.json"])
+    for source in ("case003", "case004"):  # patches only (no full cases) and one record per source
+        record = json.loads((bank.folder / "cases" / f"{source}.json").read_text())
+        assert record["variants"] == {v: e for v, e in manifest["variants"].items() if e["source_case"] == source}
+        assert record["warnings"] == (["case004: fake warning"] if source == "case004" else [])
     for vid, entry in manifest["variants"].items():  # no resampling here: the patch is the painted 3^3 cube
         case_bytes = sum((tiny["data"] / f"{entry['source_case']}{s}").stat().st_size  # what format 1 stored
                          for s in (".b2nd", "_seg.b2nd", ".pkl"))
@@ -327,21 +347,79 @@ def test_bank_matches_nnunet_preprocessing_and_is_reused(tiny):
     assert not again.built and len(calls) == n and again.variants_by_source == bank.variants_by_source
 
 
-def test_interrupted_build_leaves_nothing_and_is_redone(tiny):
+def _patch_arrays(folder: Path) -> dict:
+    from lefusion_nnunet.integration.swap_dataset import load_patch
+
+    out = {}
+    for path in sorted(folder.glob("*.npz")):
+        patch = load_patch(path)
+        out[path.stem] = (patch.data, patch.seg, patch.bbox, {k: v.tolist() for k, v in patch.class_locations.items()})
+    return out
+
+
+def _assert_same_patches(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for vid in a:
+        for x, y in zip(a[vid][:3], b[vid][:3]):
+            np.testing.assert_array_equal(x, y)
+        assert a[vid][3] == b[vid][3]
+
+
+def test_killed_build_keeps_finished_cases_and_resumes_to_the_same_bank(tiny, tmp_path):
+    """The build dies inside case004 (after case003's variants and record): only case003 has a record, nothing is
+    complete; the next build makes case004 only and equals an uninterrupted build patch for patch."""
     root = tiny["pre"] / bank_mod.BANK_FOLDER
     spec = _spec(tiny)
-    tiny["calls"].fail_after = 3
+    folder = root / spec.key
+    tiny["calls"].fail_after = 3  # 2 variants of case003, one of case004, then the crash
     with pytest.raises(RuntimeError, match="simulated crash"):
         bank_mod.ensure_bank(spec, root, _build_fn(tiny), log=lambda m: None)
-    assert not (root / spec.key).exists() and not (root / f".{spec.key}.partial").exists()
-    (root / f".{spec.key}.partial").mkdir()  # as a SIGKILL would leave it
-    (root / f".{spec.key}.partial" / "junk.b2nd").write_bytes(b"x")
+    assert bank_mod.SyntheticBank.load(folder, spec.key) is None and not (folder / "bank.json").exists()
+    assert sorted(p.name for p in (folder / "cases").iterdir()) == ["case003.json"]
+    (folder / ".case004_lefusion000.npz.tmp-999").write_bytes(b"half a patch")  # as a SIGKILL would leave them
+    (folder / "cases" / ".case004.json.tmp-999").write_text("{not json")
+    (folder / "case004_lefusion001.npz").write_bytes(b"a patch of a case without record")
+
     tiny["calls"].fail_after = None
-    bank = bank_mod.ensure_bank(spec, root, _build_fn(tiny), log=lambda m: None)
-    assert bank.built and bank.num_variants == 4 and not (bank.folder / "junk.b2nd").exists()
-    (bank.folder / "case003_lefusion000.npz").unlink()  # damaged bank -> rebuilt
-    assert bank_mod.SyntheticBank.load(bank.folder, spec.key) is None
-    assert bank_mod.ensure_bank(spec, root, _build_fn(tiny), log=lambda m: None).built
+    logs: list[str] = []
+    bank = bank_mod.ensure_bank(spec, root, _build_fn(tiny), log=logs.append)
+    assert tiny["calls"].make_variants == [["case003", "case004"], ["case004"]]  # case003 was not made again
+    assert bank.built and bank.num_variants == 4 and bank.warnings == ["case004: fake warning"]
+    assert any("continuing an interrupted build" in m and "1 of 2 source cases done" in m for m in logs)
+    assert not [p for p in folder.rglob(".*")]  # temporary files removed
+
+    other = dataclasses.replace(spec, checkpoint_sha256="f" * 64)  # same content, another folder
+    fresh = bank_mod.ensure_bank(other, root, _build_fn(tiny), log=lambda m: None)
+    _assert_same_patches(_patch_arrays(folder), _patch_arrays(fresh.folder))
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("key", "spec", "build_seconds", "created")}  # noqa
+    assert strip(bank.manifest) == strip(fresh.manifest)
+
+    (folder / "case003_lefusion000.npz").unlink()  # damaged complete bank -> case003 is made again
+    assert bank_mod.SyntheticBank.load(folder, spec.key) is None
+    again = bank_mod.ensure_bank(spec, root, _build_fn(tiny), log=lambda m: None)
+    assert again.built and again.num_variants == 4 and tiny["calls"].make_variants[-1] == ["case003"]
+
+
+def test_second_builder_does_not_build_while_the_lock_is_held(tiny):
+    """A process that cannot take the bank's lock (another rank or run builds it) starts nothing; once the lock is
+    free, the next one builds (continuing what is there)."""
+    from lefusion_nnunet.integration.bank_build import start_bank_build
+    from lefusion_nnunet.integration.bank_store import BankLock
+
+    root = tiny["pre"] / bank_mod.BANK_FOLDER
+    spec = _spec(tiny)
+    held = BankLock.acquire(bank_mod.lock_path(root, spec.key))
+    job = start_bank_build(spec, root, _build_fn(tiny), log=lambda m: None)
+    assert not job.building and job.done and job.join() is None and tiny["calls"].make_variants == []
+    held.release()
+    done: list = []
+    job = start_bank_build(spec, root, _build_fn(tiny), log=lambda m: None, on_done=done.append)
+    assert job.building
+    bank = job.join(timeout=120)
+    assert job.done and job.error is None and bank is not None and bank.num_variants == 4 and done == [bank]
+    lock = BankLock.acquire(bank_mod.lock_path(root, spec.key), blocking=False)
+    assert lock is not None  # released by the build
+    lock.release()
 
 
 def test_non_zero_rank_waits_for_rank_zero(tiny):
@@ -410,6 +488,94 @@ def test_swap_dataset_pickles_and_forked_workers_log_and_differ(tiny):
     assert read_draws(log).loads == 121
 
 
+def _load_in_child(dataset, case, n, queue):
+    queue.put(sum("lefusion_source_case" in dataset.load_case(case)[3] for _ in range(n)))
+
+
+def _forked_draws(dataset, case: str, n: int = 10) -> int:
+    """How many of ``n`` loads of ``case`` were synthetic in a forked process (as nnU-Net's loader workers)."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_load_in_child, args=(pickle.loads(pickle.dumps(dataset)), case, n, queue))
+    proc.start()
+    out = queue.get(timeout=60)
+    proc.join(timeout=60)
+    return out
+
+
+def test_swap_dataset_of_a_growing_bank_takes_up_recorded_sources_only(tiny, monkeypatch):
+    """Only sources with a record are drawn (a patch without record and temporary files are never read); a
+    record that appears is taken up at the next refresh, in the main process and in forked workers; once
+    bank.json exists it is read once and the records are no longer looked at."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    from lefusion_nnunet.integration import bank_store
+
+    monkeypatch.setattr(SyntheticSwapDataset, "REFRESH_SECONDS", 0.2)
+    root = tiny["pre"] / bank_mod.BANK_FOLDER
+    complete = bank_mod.ensure_bank(_spec(tiny, checkpoint_sha256="f" * 64), root, _build_fn(tiny),
+                                    log=lambda m: None)
+    spec = _spec(tiny)
+    folder = root / spec.key
+    (folder / "cases").mkdir(parents=True)
+    entries = complete.manifest["variants"]
+    for vid in entries:
+        shutil.copy(complete.folder / f"{vid}.npz", folder / f"{vid}.npz")  # every patch, case004's unrecorded
+    by_source = lambda src: {v: e for v, e in entries.items() if e["source_case"] == src}  # noqa: E731
+    bank_store.write_record(folder, "case003", by_source("case003"), [])
+    (folder / "cases" / ".case004.json.tmp-7").write_text("{half a record")
+    (folder / ".case004_lefusion000.npz.tmp-7").write_bytes(b"half a patch")
+
+    real = nnUNetDatasetBlosc2(str(tiny["data"]), ["case000", "case001", "case003", "case004"])
+    log = tiny["root"] / "draws.log"
+    ds = SyntheticSwapDataset.growing(real, folder, spec.key, 1.0, str(log))
+    assert ds.growing_key == spec.key and ds.variants_by_source == {
+        "case003": ["case003_lefusion000", "case003_lefusion001"]}
+    assert all(ds.load_case("case003")[3]["lefusion_source_case"] == "case003" for _ in range(3))
+    assert not any("lefusion_source_case" in ds.load_case("case004")[3] for _ in range(10))
+    assert _forked_draws(ds, "case004") == 0
+
+    bank_store.write_record(folder, "case004", by_source("case004"), ["case004: fake warning"])
+    time.sleep(0.3)
+    assert _forked_draws(ds, "case004") == 10  # the worker's copy refreshes on its own
+    assert "lefusion_source_case" in ds.load_case("case004")[3]
+    assert ds.growing_key is not None  # still growing: no manifest yet
+    stats = read_draws(log)
+    assert (stats.loads, stats.synthetic, stats.sources) == (3 + 10 + 10 + 10 + 1, 3 + 10 + 1, ("case003", "case004"))
+
+    manifest = dict(complete.manifest, key=spec.key, spec=spec.to_dict())
+    (folder / "bank.json").write_text(json.dumps(manifest))
+    time.sleep(0.3)
+    ds.load_case("case000")
+    assert ds.growing_key is None and ds.variants_by_source == complete.variants_by_source
+    shutil.rmtree(folder / "cases")  # no longer read
+    time.sleep(0.3)
+    assert "lefusion_source_case" in ds.load_case("case004")[3]
+
+
+def test_swap_dataset_refreshes_at_most_every_refresh_seconds(tiny, monkeypatch):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    from lefusion_nnunet.integration import bank_store
+
+    monkeypatch.setattr(SyntheticSwapDataset, "REFRESH_SECONDS", 3600.0)
+    root = tiny["pre"] / bank_mod.BANK_FOLDER
+    complete = bank_mod.ensure_bank(_spec(tiny, checkpoint_sha256="f" * 64), root, _build_fn(tiny),
+                                    log=lambda m: None)
+    folder = root / _spec(tiny).key
+    real = nnUNetDatasetBlosc2(str(tiny["data"]), ["case003", "case004"])
+    ds = SyntheticSwapDataset.growing(real, folder, _spec(tiny).key, 1.0)  # no folder yet: real only
+    assert ds.variants_by_source == {} and "lefusion_source_case" not in ds.load_case("case003")[3]
+    folder.mkdir()
+    for vid in complete.manifest["variants"]:
+        shutil.copy(complete.folder / f"{vid}.npz", folder / f"{vid}.npz")
+    bank_store.write_record(folder, "case003", {v: e for v, e in complete.manifest["variants"].items()
+                                                if e["source_case"] == "case003"}, [])
+    assert "lefusion_source_case" not in ds.load_case("case003")[3]  # not re-read within the interval
+    ds._next_refresh = 0.0
+    assert "lefusion_source_case" in ds.load_case("case003")[3]
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 
 def test_trainer_variants_and_settings(tiny, monkeypatch):
@@ -427,6 +593,7 @@ def test_trainer_variants_and_settings(tiny, monkeypatch):
 
 
 def test_trainer_trains_on_synthetic_cases_of_training_split_only(tiny, monkeypatch):
+    monkeypatch.setenv("LEFUSION_BANK_BUILD", "before-training")  # the whole bank before the first batch
     monkeypatch.setenv("LEFUSION_PROBABILITY", "1")
     monkeypatch.setenv("LEFUSION_PER_CASE", "2")
     data_before = _tree_hashes(tiny["data"])
@@ -465,6 +632,7 @@ def test_trainer_trains_on_synthetic_cases_of_training_split_only(tiny, monkeypa
 
 def test_trainer_with_forked_augmentation_workers(tiny, monkeypatch):
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    monkeypatch.setenv("LEFUSION_BANK_BUILD", "before-training")
     monkeypatch.setenv("LEFUSION_PROBABILITY", "1")
     monkeypatch.setenv("LEFUSION_PER_CASE", "2")
     t = _make_trainer("LeFusionTrainer_1epoch")
@@ -474,6 +642,91 @@ def test_trainer_with_forked_augmentation_workers(tiny, monkeypatch):
     t.on_train_end()
     stats = read_draws(Path(t.output_folder) / "lefusion_draws.log")
     assert stats.synthetic > 0 and set(stats.sources) <= {"case003", "case004"}
+
+
+def _log_index(text: str, pattern: str) -> int:
+    lines = text.splitlines()
+    return next(i for i, line in enumerate(lines) if pattern in line)
+
+
+def test_trainer_trains_while_the_bank_builds_in_the_background(tiny, monkeypatch):
+    """Default mode, a slow build: nnU-Net's first epoch starts before the bank is complete, the run waits for the
+    build at the end (the bank is then complete) and the next run reuses it; the thread does not outlive it."""
+    monkeypatch.setenv("LEFUSION_PROBABILITY", "1")
+    monkeypatch.setenv("LEFUSION_PER_CASE", "2")
+    monkeypatch.setenv("LEFUSION_ITERATIONS_PER_EPOCH", "2")
+    monkeypatch.setenv("LEFUSION_VAL_ITERATIONS_PER_EPOCH", "1")
+    tiny["calls"].delay_s = 4.0
+    t = _make_trainer("LeFusionTrainer_1epoch")
+    assert t.lefusion_settings.bank_build == "background"
+    t.run_training()
+    log_text = Path(t.log_file).read_text()
+    summary = "LeFusion: 4 synthetic cases of 2 lesion-free training cases (of 4)"
+    assert "is built in the background; training starts now" in log_text
+    assert _log_index(log_text, "Epoch 0") < _log_index(log_text, summary)
+    assert _log_index(log_text, "training ended before the bank was complete") < _log_index(log_text, summary)
+    assert "built in" in log_text[log_text.index(summary):].splitlines()[0]
+    assert "training case loads used a synthetic case" in log_text
+    assert t.lefusion_build.done and not any(th.name.startswith("lefusion-bank") for th in threading.enumerate())
+    assert t.lefusion_bank is not None and t.lefusion_bank.num_variants == 4
+    assert bank_mod.SyntheticBank.load(t.lefusion_bank.folder, t.lefusion_bank.key) is not None
+    stats = read_draws(Path(t.output_folder) / "lefusion_draws.log")
+    assert stats.loads > 0 and set(stats.sources) <= {"case003", "case004"}
+    assert (Path(t.output_folder) / "checkpoint_final.pth").is_file()
+
+    tiny["calls"].delay_s = 0.0
+    t2 = _make_trainer("LeFusionTrainer_1epoch")
+    t2.on_train_start()
+    assert t2.lefusion_build is None and len(tiny["calls"].make_variants) == 1
+    assert isinstance(t2.dataloader_train.data_loader._data, SyntheticSwapDataset)
+    assert t2.dataloader_train.data_loader._data.growing_key is None  # the complete bank, no refreshing
+    assert "(reused, " in Path(t2.log_file).read_text()
+    t2.on_train_end()
+
+
+def test_failed_background_build_stops_training(tiny, monkeypatch):
+    """A build that fails in its thread is logged and raised in the training thread at the epoch's end: no
+    training on real cases only, no final checkpoint."""
+    monkeypatch.setenv("LEFUSION_PROBABILITY", "1")
+    monkeypatch.setenv("LEFUSION_ITERATIONS_PER_EPOCH", "1")
+    monkeypatch.setenv("LEFUSION_VAL_ITERATIONS_PER_EPOCH", "1")
+    tiny["calls"].error = RuntimeError("boom in the bank build")
+    t = _make_trainer("LeFusionTrainer_5epochs")
+    with pytest.raises(RuntimeError, match="boom in the bank build"):
+        t.run_training()
+    assert t.current_epoch == 0  # raised at the first epoch boundary
+    log_text = Path(t.log_file).read_text()
+    assert "LeFusion: error: the background bank build failed" in log_text and "boom in the bank build" in log_text
+    assert "stopping training because the background bank build failed" in log_text
+    assert not (Path(t.output_folder) / "checkpoint_final.pth").exists()
+    assert not (tiny["pre"] / bank_mod.BANK_FOLDER / t.lefusion_build.spec.key / "bank.json").exists()
+
+
+def test_other_ranks_read_the_growing_bank_rank_zero_builds(tiny, monkeypatch):
+    """Background mode under DDP: a rank other than 0 starts no build and reads what rank 0 makes."""
+    monkeypatch.setenv("LEFUSION_PROBABILITY", "1")
+    monkeypatch.setattr(SyntheticSwapDataset, "REFRESH_SECONDS", 0.0)
+    rank1 = _make_trainer()
+    rank1.local_rank = 1
+    swap, _ = rank1.get_tr_and_val_datasets()
+    assert rank1.lefusion_build is None and swap.growing_key is not None and swap.variants_by_source == {}
+    rank0 = _make_trainer()
+    rank0.get_tr_and_val_datasets()
+    assert rank0.lefusion_build.start() and rank0.lefusion_build.join(timeout=120) is not None
+    assert tiny["calls"].make_variants == [["case003", "case004"]]
+    swap.load_case("case000")
+    assert swap.growing_key is None and sorted(swap.variants_by_source) == ["case003", "case004"]
+
+
+def test_trainer_config_cli_choices_are_the_settings_modes():
+    import argparse
+
+    from lefusion_nnunet.cli.main import build_parser
+    from lefusion_nnunet.integration.trainer_settings import BANK_BUILD_MODES
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    action = next(a for a in subs["trainer-config"]._actions if a.dest == "bank_build")
+    assert tuple(action.choices) == BANK_BUILD_MODES and action.default == TrainerSettings().bank_build
 
 
 def test_trainer_without_lesion_free_training_cases_trains_real_only(tiny, monkeypatch):
@@ -489,8 +742,11 @@ def test_trainer_without_lesion_free_training_cases_trains_real_only(tiny, monke
 
 def test_trainer_reports_bad_input_before_building_the_bank(tiny, monkeypatch):
     """A truncated raw image of a lesion-free training case, or a checkpoint made for MR, is one sentence
-    (also in the nnU-Net log) raised before any variant is made and before a bank folder exists."""
+    (also in the nnU-Net log) raised before any variant is made and before a bank folder exists. In background
+    mode the checks (they read every label and image voxel) are the build thread's first step: training has started, and the
+    sentence stops it at the first iteration, still before any variant is made."""
     monkeypatch.setenv("LEFUSION_PROBABILITY", "1")
+    monkeypatch.setenv("LEFUSION_BANK_BUILD", "before-training")
     image = tiny["raw"] / "imagesTr" / "case003_0000.nii.gz"  # fold 0 training split, lesion-free
     intact = image.read_bytes()
     image.write_bytes(intact[: len(intact) // 2])
@@ -500,7 +756,17 @@ def test_trainer_reports_bad_input_before_building_the_bank(tiny, monkeypatch):
     assert tiny["calls"].make_variants == []
     assert not (tiny["pre"] / "lefusion_bank").exists()
     assert "LeFusion: error: image file" in Path(t.log_file).read_text()
+    monkeypatch.setenv("LEFUSION_BANK_BUILD", "background")
+    monkeypatch.setenv("LEFUSION_ITERATIONS_PER_EPOCH", "1")
+    monkeypatch.setenv("LEFUSION_VAL_ITERATIONS_PER_EPOCH", "1")
+    t = _make_trainer("LeFusionTrainer_5epochs")
+    with pytest.raises(LeFusionInputError, match=r"case003_0000.nii.gz is truncated"):
+        t.run_training()
+    assert t.current_epoch == 0 and tiny["calls"].make_variants == []
+    assert "LeFusion: error: image file" in Path(t.log_file).read_text()
     image.write_bytes(intact)
+    monkeypatch.setenv("LEFUSION_BANK_BUILD", "before-training")
+    shutil.rmtree(tiny["pre"] / "lefusion_bank")  # (the background build had made its folder before the check)
 
     from lefusion_nnunet.checkpoints.format import save_checkpoint
     from lefusion_nnunet.data.config import DataConfig
@@ -545,7 +811,8 @@ def test_end_to_end_real_commands(tmp_path, installed_shim):
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
                # short but complete nnU-Net run: 1 epoch (LeFusionTrainer_1epoch) of 4 + 2 iterations
                LEFUSION_ITERATIONS_PER_EPOCH="4", LEFUSION_VAL_ITERATIONS_PER_EPOCH="2",
-               LEFUSION_PROBABILITY="1", LEFUSION_BATCH_SIZE="8")
+               LEFUSION_PROBABILITY="1", LEFUSION_BATCH_SIZE="8",
+               LEFUSION_BANK_BUILD="before-training")  # synthetic draws in 4 iterations (background: tested above)
 
     def run(*cmd, timeout=900):
         out = subprocess.run(list(cmd), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)

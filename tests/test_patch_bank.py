@@ -80,8 +80,8 @@ def _fake_make_variants(made: list):
     """A lesion (label 2, 30 HU) of radius 2.5 voxels at a k-dependent place in the lung; keeps the cases."""
     from lefusion_nnunet.data.io import read_image, read_label
 
-    def fake(synth, dataset, case_ids, settings):
-        for cid in case_ids:
+    def fake(synth, dataset, case_ids, settings, done=()):
+        for cid in (c for c in case_ids if c not in done):
             files = dataset.case(cid)
             image = read_image(files.images)
             label, label_props = read_label(files.label)
@@ -216,8 +216,8 @@ def test_storage_per_variant_is_bounded_by_the_lesion_not_the_case(world):
     is a good part of the case; on clinical sizes a small fraction (the case without resampling, a few voxels:
     tests/test_nnunet_trainer.py)."""
     bank = _build(world)
-    assert sorted(p.name for p in bank.folder.iterdir()) == sorted(
-        [f"{v}.npz" for v in bank.manifest["variants"]] + ["bank.json"])
+    assert sorted(str(p.relative_to(bank.folder)) for p in bank.folder.rglob("*") if p.is_file()) == sorted(
+        [f"{v}.npz" for v in bank.manifest["variants"]] + ["bank.json"] + [f"cases/{c}.json" for c in FREE])
     for vid, entry in bank.manifest["variants"].items():
         source = entry["source_case"]
         case_bytes = sum(os.path.getsize(world["data"] / f"{source}{s}") for s in (".b2nd", "_seg.b2nd", ".pkl"))

@@ -306,7 +306,7 @@ def test_lefusion_trainer_one_epoch_with_an_imported_model(tmp_path):
     env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p),
                LEFUSION_ITERATIONS_PER_EPOCH="4", LEFUSION_VAL_ITERATIONS_PER_EPOCH="2", LEFUSION_PROBABILITY="1",
-               LEFUSION_BATCH_SIZE="8")
+               LEFUSION_BATCH_SIZE="8", LEFUSION_BANK_BUILD="before-training")  # 4 iterations: the whole bank first
     exe = shutil.which("lefusion")
     lefusion = [exe] if exe else [sys.executable, "-m", "lefusion_nnunet.cli.main"]
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import block_edit
 from scipy import ndimage
 
 from lefusion_nnunet.checkpoints.loaders import LoadedCheckpoint
@@ -94,19 +95,14 @@ class FakeSynth:
         h = rng.random(16 * self.checkpoint.data.num_classes)
         return (h / h.sum()).astype(np.float32)
 
-    def synthesize(self, requests, generator=None, rng=None, progress=False):
+    def synthesize_edits(self, requests, generator=None, rng=None, progress=False):
         self.calls += 1
         if self.fail_on_call is not None and self.calls >= self.fail_on_call:
             raise RuntimeError("simulated crash")
         assert isinstance(generator, list) and len(generator) == len(requests)
         self.requests += len(requests)
-        out = []
-        for r, g in zip(requests, generator):
-            union = r.class_masks.any(0)
-            img = np.array(r.image, copy=True)
-            img[union] = 20.0 + 40.0 * torch.rand(int(union.sum()), generator=g).numpy()
-            out.append(img)
-        return out
+        return [block_edit(r, lambda n, g=g: 20.0 + 40.0 * torch.rand(n, generator=g).numpy())
+                for r, g in zip(requests, generator)]
 
 
 @pytest.fixture
@@ -174,6 +170,14 @@ def test_variants_stay_in_region_and_change_only_the_lesion(env):
         assert not np.array_equal(case.channels[0][lesion], ct[lesion].astype(np.float32))
         assert np.array_equal(case.channels[1], aux)
         assert np.array_equal(case.label[~lesion], lab[~lesion])
+        # stored sparsely: the box holds every change, and reading a box equals cutting the whole arrays
+        inside = np.zeros(lab.shape, bool)
+        inside[tuple(slice(int(a), int(b)) for a, b in case.box)] = True
+        assert inside.sum() < inside.size / 4 and not (lesion & ~inside).any()
+        box = np.array([[0, lab.shape[0]], [2, 9], [case.box[2, 0] - 3, case.box[2, 1]]])  # partly outside it
+        cut = tuple(slice(int(a), int(b)) for a, b in box)
+        assert np.array_equal(case.channel_in(0, box), case.channels[0][cut])
+        assert np.array_equal(case.label_in(box), case.label[cut]) and case.channel(1) is case.channel(1)
         p = case.provenance
         assert p["source_case"] == case.source_case and p["voxels"] == int(lesion.sum())
         assert abs(p["volume_mm3"] - lesion.sum() * np.prod(SPACING_ZYX)) < 1e-3

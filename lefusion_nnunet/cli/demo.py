@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         # is 4 training + 2 validation iterations instead of 250 + 50 (enough to see synthetic cases drawn)
         env.setdefault("LEFUSION_ITERATIONS_PER_EPOCH", "4")
         env.setdefault("LEFUSION_VAL_ITERATIONS_PER_EPOCH", "2")
+        env.setdefault("LEFUSION_BANK_BUILD", "before-training")  # 4 iterations: draw from the whole bank at once
         t = _step("4/5 nnU-Net integrity check and preprocessing")
         _nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(ENLARGED_ID), "--verify_dataset_integrity",
                  "-c", "3d_fullres", "-np", "1"], env)

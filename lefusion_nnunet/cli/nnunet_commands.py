@@ -18,6 +18,9 @@ def register(sub) -> None:
                    help="chance that a lesion-free training case is replaced by a synthetic variant (default: 0.5)")
     # K = integration.trainer_settings.DEFAULT_PER_CASE (not imported: the CLI starts without torch; a test checks)
     add_variant_args(c, "synthetic variants per lesion-free training case", default_per_case=16)
+    c.add_argument("--bank-build", choices=("background", "before-training"), default="background",
+                   help="background: training starts at once and lesion-free cases join as their variants are made; "
+                        "before-training: the whole bank is built before the first iteration (default: background)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing lefusion_trainer.json")
     add_sampler(c)
     add_device(c)
@@ -45,7 +48,7 @@ def run_trainer_config(args: argparse.Namespace) -> int:
 
     path = configure_trainer(args.dataset, variant_settings_from_args(args), checkpoint=args.checkpoint,
                              probability=args.probability, batch_size=args.batch_size, device=args.device,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, bank_build=args.bank_build)
     print(f"settings: {path}")
     if not shim_installed():  # nnU-Net finds no plugin trainer on its own (its lookup would crash on CPU installs)
         print("next: run `lefusion install-trainer` once so that `nnUNetv2_train ... -tr LeFusionTrainer` finds the "

@@ -59,8 +59,8 @@ def _reader_for(files: Sequence[Path]):
 
     first = Path(files[0])
     ending = "".join(first.suffixes[-2:]) if first.name.endswith(".nii.gz") else first.suffix
-    try:
-        return determine_reader_writer_from_file_ending(ending, str(first), allow_nonmatching_filename=True,
+    try:  # by ending only: with an example file nnU-Net would read it once more just to test the reader
+        return determine_reader_writer_from_file_ending(ending, None, allow_nonmatching_filename=True,
                                                         verbose=False)()
     except Exception as exc:  # nnU-Net raises RuntimeError with a long text
         raise LeFusionInputError(f"no nnU-Net reader can open {first} (ending {ending!r}); convert it to "

@@ -7,9 +7,10 @@ Two mask sources feed :mod:`lefusion_nnunet.variants`:
 * :class:`~lefusion_nnunet.data.mask_library.MaskLibrary` - real lesion masks (each connected lesion of a labelled dataset, lesion classes kept
   together) that are flipped, rotated and rescaled on demand.
 
-Placement (:func:`place_mask`) finds *every* offset at which *all* lesion voxels fall inside an allowed
-region (:func:`allowed_region`: a host-organ label, a user mask, or the body) by an FFT correlation of the
-forbidden region with the mask, and picks one at random or the one nearest a requested centre.
+Placement (:func:`place_mask`) picks an offset at which *all* lesion voxels fall inside an allowed region
+(:func:`allowed_region`: a host-organ label, a user mask, or the body): uniformly among the valid ones (by
+rejection sampling, falling back to finding *every* valid offset by an FFT correlation of the forbidden region with
+the mask), or the one nearest a requested centre.
 
 A third source, masks sampled from a lesion mask model (:mod:`lefusion_nnunet.synthesis.masks`), is generated in
 place instead: :func:`choose_center` / :func:`nearest_allowed_voxel` pick the centre, the mask is made on the

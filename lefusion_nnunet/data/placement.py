@@ -124,17 +124,51 @@ def valid_offsets(mask_zyx: np.ndarray, allowed_zyx: np.ndarray) -> tuple[np.nda
     return valid, lo
 
 
+#: Random offsets :func:`place_mask` tries before it computes every valid offset (by FFT).
+PLACEMENT_TRIES = 256
+
+
+def allowed_box(allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(lo, hi)``: the bounding box of ``allowed`` (voxels, z y x; ``hi`` exclusive), or None when it is empty."""
+    found = ndimage.find_objects(allowed.view(np.uint8) if allowed.dtype == bool else allowed.astype(np.uint8))
+    if not found or found[0] is None:
+        return None
+    return np.array([b.start for b in found[0]]), np.array([b.stop for b in found[0]])
+
+
+def _random_offset(union: np.ndarray, pts: np.ndarray, allowed: np.ndarray, rng: np.random.Generator,
+                   tries: int, box: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
+    """An offset drawn uniformly from those that keep the mask inside ``allowed`` (rejection sampling over the
+    offsets that keep its box inside the allowed region's ``box``), or None after ``tries`` misses."""
+    if box is None:
+        return None
+    lo, hi = box
+    span = hi - lo - np.asarray(union.shape) + 1
+    if (span < 1).any():
+        return None
+    for _ in range(int(tries)):
+        offset = lo + rng.integers(0, span)
+        if allowed[tuple((pts + offset).T)].all():
+            return offset.astype(np.int64)
+    return None
+
+
 def place_mask(mask_czyx: np.ndarray, allowed_zyx: np.ndarray, rng: np.random.Generator,
-               center_zyx: Sequence[float] | None = None) -> np.ndarray | None:
+               center_zyx: Sequence[float] | None = None,
+               allowed_bounds: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray | None:
     """Choose where a lesion goes so that every lesion voxel lies inside ``allowed_zyx``.
 
-    ``allowed_zyx`` should already exclude existing lesions (see :func:`allowed_region`). All valid offsets
-    are found (:func:`valid_offsets`); one is drawn uniformly, or, with ``center_zyx`` (voxels), the one
-    whose mask bounding-box centre is nearest to it (ties drawn at random).
+    ``allowed_zyx`` should already exclude existing lesions (see :func:`allowed_region`). Without ``center_zyx``
+    the offset is drawn uniformly from the valid ones: first by rejection sampling (:data:`PLACEMENT_TRIES` random
+    offsets, each checked exactly; cheap on a whole CT), then, for regions too thin for that to hit, from every
+    valid offset (:func:`valid_offsets`). With ``center_zyx`` (voxels) it is the valid offset whose mask
+    bounding-box centre is nearest to it (ties drawn at random).
 
     Args:
         mask_czyx: bool ``(C, z, y, x)`` or ``(z, y, x)`` lesion mask (tight).
         allowed_zyx: bool ``(Z, Y, X)``.
+        allowed_bounds: :func:`allowed_box` of ``allowed_zyx`` when the caller has it (one per case, not per
+            lesion); computed here otherwise.
 
     Returns:
         int64 ``(3,)`` volume index of mask voxel ``(0, 0, 0)``, or None when no position is valid.
@@ -142,12 +176,17 @@ def place_mask(mask_czyx: np.ndarray, allowed_zyx: np.ndarray, rng: np.random.Ge
     mask = np.asarray(mask_czyx, bool)
     union = mask.any(0) if mask.ndim == 4 else mask
     allowed = np.asarray(allowed_zyx, bool)
+    pts = np.argwhere(union)
+    if center_zyx is None and len(pts):
+        bounds = allowed_bounds if allowed_bounds is not None else allowed_box(allowed)
+        offset = _random_offset(union, pts, allowed, rng, PLACEMENT_TRIES, bounds)
+        if offset is not None:
+            return offset
     found = valid_offsets(union, allowed)
     if found is None:
         return None
     valid, base = found
     cand = np.flatnonzero(valid)
-    pts = np.argwhere(union)
     while len(cand):
         if center_zyx is None:
             pick = int(rng.integers(len(cand)))

@@ -46,10 +46,13 @@ def _scale(native_spacing: Vec3, geometry: RoiGeometry) -> np.ndarray:
     return np.asarray(geometry.spacing_zyx, np.float64) / np.asarray(native_spacing, np.float64)
 
 
-def plan_roi_origin(union_zyx: np.ndarray, native_spacing: Vec3, geometry: RoiGeometry) -> np.ndarray:
+def plan_roi_origin(union_zyx: np.ndarray, native_spacing: Vec3, geometry: RoiGeometry,
+                    offset_zyx=(0, 0, 0)) -> np.ndarray:
     """Where the model ROI of a lesion goes: native voxel index (z, y, x) of ROI voxel 0, the ROI centred on the
-    bounding box of ``union_zyx`` (bool, native grid). Planned once per lesion; extraction and paste-back use it."""
-    return roi_origin_for_center(roi_center_for_mask(union_zyx), native_spacing, geometry)
+    bounding box of ``union_zyx`` (bool, native grid; a block whose voxel 0 is image voxel ``offset_zyx``). Planned
+    once per lesion; extraction and paste-back use it."""
+    center = roi_center_for_mask(union_zyx) + np.asarray(offset_zyx, np.float64)  # rounded in image coordinates
+    return roi_origin_for_center(center, native_spacing, geometry)
 
 
 def roi_origin_for_center(center_zyx, native_spacing: Vec3, geometry: RoiGeometry) -> np.ndarray:
@@ -66,20 +69,94 @@ def roi_center_for_mask(mask_zyx: np.ndarray) -> np.ndarray:
     return (idx.min(0) + idx.max(0)) / 2.0
 
 
+@dataclass(frozen=True)
+class NativeWindow:
+    """The box of a native image that one lesion's model ROI reads and writes: ``[start, stop)`` voxels per axis
+    (z, y, x) of an image of ``image_shape`` voxels.
+
+    :meth:`around_roi` makes it hold everything :func:`extract_roi`, :func:`extract_roi_mask`,
+    :func:`paste_roi` and :func:`lefusion_nnunet.data.masks.roi_mask_to_native` touch for that ROI, so running
+    them on the window (origin made local by :meth:`local`) gives the same values as on the whole image: the
+    synthesis path works on a few hundred thousand voxels instead of a whole 512 x 512 x 300 scan.
+    """
+
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+    image_shape: tuple[int, int, int]
+
+    @classmethod
+    def around_roi(cls, origin_zyx, native_spacing: Vec3, geometry: RoiGeometry, image_shape_zyx) -> "NativeWindow":
+        """The window of the ROI whose voxel 0 is native voxel ``origin_zyx`` (clipped to the image)."""
+        origin = np.asarray(origin_zyx, np.float64)
+        scale = _scale(native_spacing, geometry)
+        last = origin + (np.asarray(geometry.size_zyx) - 1) * scale
+        lo = np.minimum(np.floor(origin) - 1, np.floor(origin - 0.5 * scale))           # interpolation / ring reach
+        hi = np.maximum(np.ceil(last) + 2, np.ceil(origin + (np.asarray(geometry.size_zyx) - 0.5) * scale) + 1)
+        shape = np.asarray(image_shape_zyx, np.int64)
+        lo = np.clip(lo, 0, shape - 1).astype(np.int64)
+        hi = np.maximum(np.clip(hi, 0, shape).astype(np.int64), lo + 1)
+        return cls(tuple(int(v) for v in lo), tuple(int(v) for v in hi), tuple(int(v) for v in shape))
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(b - a for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
+
+    @property
+    def box(self) -> np.ndarray:
+        """``(3, 2)`` int64 ``[start, stop)`` per axis (z, y, x)."""
+        return np.stack([self.start, self.stop], axis=1).astype(np.int64)
+
+    def local(self, zyx) -> np.ndarray:
+        """A native voxel coordinate of the image as a coordinate of the window."""
+        return np.asarray(zyx, np.float64) - np.asarray(self.start, np.float64)
+
+
+@dataclass
+class LesionEdit:
+    """What synthesis changes in a native image: the image inside ``window`` after synthesis.
+
+    Attributes:
+        window: the :class:`~lefusion_nnunet.data.roi.NativeWindow` of the lesion's model ROI.
+        values: ``window.shape`` (z, y, x), the image's dtype: the synthesised image there (equal to the input
+            outside ``region``).
+        region: bool ``window.shape``: the generation region (:func:`lefusion_nnunet.synthesis.lesion.generation_region`), the only voxels that may
+            differ from the input.
+        class_masks: bool ``(C, *window.shape)``: the request's lesion masks inside the window.
+    """
+
+    window: NativeWindow
+    values: np.ndarray
+    region: np.ndarray
+    class_masks: np.ndarray
+
+    def apply(self, image_zyx: np.ndarray) -> np.ndarray:
+        """A copy of the whole native image with the edit pasted (bit-identical outside ``region``)."""
+        out = np.array(image_zyx, copy=True)
+        out[self.window.slices] = self.values
+        return out
+
+
 def _axis_coords(origin_zyx, native_spacing: Vec3, geometry: RoiGeometry) -> list[np.ndarray]:
     s = _scale(native_spacing, geometry)
     return [origin_zyx[a] + np.arange(geometry.size_zyx[a]) * s[a] for a in range(3)]
 
 
-def _resample_separable(volume: np.ndarray, coords: list[np.ndarray], order: int) -> np.ndarray:
-    """Sample ``volume`` (Z, Y, X) on the outer product of per-axis coordinates (edge-replicate padding)."""
+def _resample_separable(volume: np.ndarray, origin_zyx: np.ndarray, steps: list[np.ndarray], order: int) -> np.ndarray:
+    """Sample ``volume`` (Z, Y, X) at ``origin + steps`` per axis, on their outer product (edge-replicate
+    padding). Positions are formed relative to the cropped block as ``(origin - block start) + steps``, so a whole
+    (integer) origin gives the same bits wherever the volume is cut from (a :class:`NativeWindow` or the image)."""
+    coords = [origin_zyx[a] + steps[a] for a in range(3)]
     # Crop the needed native block first so interpolation touches only nearby voxels.
     lo = [max(0, int(np.floor(c.min())) - 1) for c in coords]
     hi = [min(volume.shape[a], int(np.ceil(c.max())) + 2) for a, c in enumerate(coords)]
     lo = [min(lo[a], volume.shape[a] - 1) for a in range(3)]
     hi = [max(hi[a], lo[a] + 1) for a in range(3)]
     block = volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    local = [c - lo[a] for a, c in enumerate(coords)]
+    local = [(origin_zyx[a] - lo[a]) + steps[a] for a in range(3)]
     if all(np.allclose(c, np.round(c)) for c in local):
         # Integer grid steps: exact copies with edge replication (no interpolation at all).
         idx = [np.clip(np.round(c).astype(int), 0, block.shape[a] - 1) for a, c in enumerate(local)]
@@ -91,27 +168,39 @@ def _resample_separable(volume: np.ndarray, coords: list[np.ndarray], order: int
 def extract_roi(image_zyx: np.ndarray, native_spacing: Vec3, origin_zyx, geometry: RoiGeometry,
                 order: int = 1) -> np.ndarray:
     """Resample a native ``(Z, Y, X)`` image onto the model grid; returns float32 ``geometry.size_zyx``."""
-    return _resample_separable(image_zyx, _axis_coords(np.asarray(origin_zyx, np.float64), native_spacing,
-                                                       geometry), order)
+    s = _scale(native_spacing, geometry)
+    steps = [np.arange(geometry.size_zyx[a]) * s[a] for a in range(3)]
+    return _resample_separable(image_zyx, np.asarray(origin_zyx, np.float64), steps, order)
 
 
-def inside_image_roi(image_shape_zyx, native_spacing: Vec3, origin_zyx, geometry: RoiGeometry) -> np.ndarray:
+def inside_image_roi(image_shape_zyx, native_spacing: Vec3, origin_zyx, geometry: RoiGeometry,
+                     image_start_zyx=(0, 0, 0)) -> np.ndarray:
     """Which model voxels lie inside the native image (their centres within half a voxel of it): bool
-    ``geometry.size_zyx``. The others are padding (edge-replicated in :func:`extract_roi`)."""
+    ``geometry.size_zyx``. The others are padding (edge-replicated in :func:`extract_roi`).
+
+    ``origin_zyx`` and ``image_start_zyx`` (where the image's voxel 0 lies) are in the same voxel coordinates:
+    a :class:`NativeWindow` passes its local origin and ``-window.start``."""
     coords = _axis_coords(np.asarray(origin_zyx, np.float64), native_spacing, geometry)
-    inside = [(c >= -0.5) & (c <= n - 0.5) for c, n in zip(coords, image_shape_zyx)]
+    inside = [(c >= s - 0.5) & (c <= s + n - 0.5) for c, n, s in zip(coords, image_shape_zyx, image_start_zyx)]
     return inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
 
 
-def extract_roi_mask(mask_zyx: np.ndarray, native_spacing: Vec3, origin_zyx, geometry: RoiGeometry) -> np.ndarray:
+def extract_roi_mask(mask_zyx: np.ndarray, native_spacing: Vec3, origin_zyx, geometry: RoiGeometry,
+                     window: "NativeWindow | None" = None) -> np.ndarray:
     """Resample a native boolean mask onto the model grid (linear, >= 0.5), bool ``geometry.size_zyx``.
 
     Padding outside the image is never mask (a lesion touching the scan border does not continue into it). A
     non-empty mask that no model voxel covers by half (a lesion smaller than a model voxel) keeps the model voxel
-    nearest to its centre, so every lesion inside the ROI has something to generate.
+    nearest to its centre, so every lesion inside the ROI has something to generate. With ``window``, the mask is
+    that window of the image and ``origin_zyx`` is local to it (same result as on the whole image).
     """
     weight = extract_roi(mask_zyx.astype(np.float32), native_spacing, origin_zyx, geometry, order=1)
-    out = (weight >= 0.5) & inside_image_roi(mask_zyx.shape, native_spacing, origin_zyx, geometry)
+    if window is None:
+        inside = inside_image_roi(mask_zyx.shape, native_spacing, origin_zyx, geometry)
+    else:
+        inside = inside_image_roi(window.image_shape, native_spacing, origin_zyx, geometry,
+                                  tuple(-v for v in window.start))
+    out = (weight >= 0.5) & inside
     if not out.any() and mask_zyx.any():
         centre = (np.argwhere(mask_zyx).mean(0) - np.asarray(origin_zyx)) / _scale(native_spacing, geometry)
         voxel = np.round(centre).astype(int)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from lefusion_nnunet.data.dataset import RawDataset
 from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.synthetic_case import SyntheticCase
 from lefusion_nnunet.utils import atomic_write_json
 from lefusion_nnunet.variant_settings import VariantSettings
-from lefusion_nnunet.variants import SyntheticCase
 
 __all__ = ["JOURNAL_NAME", "JOURNAL_VERSION", "journal_key", "new_journal", "case_files", "rank_journal_name",
            "merge_journals", "load_journal", "remove_unjournaled_files", "record_chunk", "write_merged_journal"]

@@ -14,8 +14,8 @@ import numpy as np
 from lefusion_nnunet.data.dataset import RawDataset
 from lefusion_nnunet.data.io import read_image, read_label, write_image_channel, write_label
 from lefusion_nnunet.enlargement.montage import MontageRow, render_montage, row_from_volumes
+from lefusion_nnunet.synthetic_case import SyntheticCase
 from lefusion_nnunet.utils import _friendly_os_error
-from lefusion_nnunet.variants import SyntheticCase
 
 PROVENANCE_NAME = "lefusion_provenance.json"
 MONTAGE_NAME = "lefusion_montage.png"
@@ -37,12 +37,12 @@ def write_case(folder: Path, case: SyntheticCase, src: RawDataset, model_channel
     ending = src.file_ending
     ref = case.reference
     source_files = src.case(case.source_case).images
-    for i, arr in enumerate(case.channels):
+    for i in range(case.num_channels):
         out = folder / "imagesTr" / f"{case.case_id}_{i:04d}{ending}"
         if i != model_channel:
             copy_file(Path(source_files[i]), out)  # unchanged channel: byte copy
         else:
-            write_image_channel(arr, out, ref, i)
+            write_image_channel(case.channel(i), out, ref, i)
     write_label(case.label, folder / "labelsTr" / f"{case.case_id}{ending}", case.label_properties or {})
 
 

@@ -1,83 +1,61 @@
 """The synthetic bank of ``LeFusionTrainer``: lesion patches of variants of lesion-free training cases.
 
-At training start the trainer makes K synthetic variants of every lesion-free case of the current fold's
-*training* split (:func:`lefusion_nnunet.variants.make_variants`, the same path as ``lefusion enlarge``).
-Each variant becomes a ``swap_dataset.Patch``: the bounding box where nnU-Net's preprocessing of the variant (the
-run's plans/configuration, the image cast to the source's pixel type) differs from the source case as nnU-Net
-stored it (:class:`~lefusion_nnunet.integration.patch_maker.PatchMaker`). By default only the neighbourhood of
-what the variant changed is preprocessed (route "crop": 1.8 s per variant at 512 x 512 x 128 on a busy 2-core
-CPU); nnU-Net's ``run_case_npy`` on the whole variant (route "full", the reference: 41 s there) is the fallback
-where the crop route does not apply; the manifest records each variant's route. The bank lives in::
+The trainer makes K synthetic variants of every lesion-free case of the current fold's *training* split
+(:func:`lefusion_nnunet.variants.make_variants`, the same path as ``lefusion enlarge``). Each variant becomes a
+``swap_dataset.Patch``: the bounding box where nnU-Net's preprocessing of the variant (the run's
+plans/configuration, the image cast to the source's pixel type) differs from the source case as nnU-Net stored it
+(:class:`~lefusion_nnunet.integration.patch_maker.PatchMaker`). By default only the neighbourhood of what the
+variant changed is preprocessed (route "crop": 1.8 s per variant at 512 x 512 x 128 on a busy 2-core CPU);
+nnU-Net's ``run_case_npy`` on the whole variant (route "full", the reference: 41 s there) is the fallback where
+the crop route does not apply; the manifest records each variant's route. The bank lives in
+``$nnUNet_preprocessed/<Dataset>/lefusion_bank/<configuration>_fold<F>_<hash>/`` (files:
+:mod:`~lefusion_nnunet.integration.bank_store`).
 
-    $nnUNet_preprocessed/<Dataset>/lefusion_bank/<configuration>_fold<F>_<hash>/
-        <source>_lefusion000.npz, <source>_lefusion001.npz, ...
-        bank.json        manifest: key inputs, variant -> source case, patch bbox and size, route, provenance,
-                         warnings
+``<hash>`` covers everything the bank's content depends on (:class:`BankSpec`, format version included, so banks
+of older formats are ignored): the checkpoint's SHA-256, the variant settings, the fold, the plans + configuration
++ dataset.json, the lesion labels and the sorted source cases. The next run (or ``--c``) with the same inputs
+reuses the bank; any change makes a new one (P, device, batch size and the bank-build mode do not enter the key).
 
-``<hash>`` covers everything the bank's content depends on (:class:`BankSpec`, format version included, so
-full-case banks of format 1 and full-route banks of format 2 are ignored): the checkpoint's SHA-256, the variant
-settings, the fold, the plans + configuration + dataset.json, the lesion labels and the sorted source cases. The
-next run (or ``--c``) with the same inputs reuses the bank; any change makes a new one (P, device and batch size do not enter the key).
-
-A build happens in a ``.<key>.partial`` sibling folder renamed into place when complete (an interrupted build
-leaves nothing that is ever read), under a file lock (two runs never build the same bank at once). With
-DDP only rank 0 builds; the other ranks wait for the manifest.
+A build writes in place, under the bank's lock: each patch atomically, a per-source record once a source's
+variants are all stored, the manifest last. A killed build is continued by the next one (finished sources are
+kept and not made again; variant k of case c depends only on the seed, c and k, so the result equals an
+uninterrupted build). :func:`ensure_bank` builds before returning (with DDP only rank 0 builds, the other ranks
+wait for the manifest); :mod:`~lefusion_nnunet.integration.bank_build` builds in a background thread while
+training reads the growing bank.
 
 At training time :class:`~lefusion_nnunet.integration.swap_dataset.SyntheticSwapDataset` pastes the patches.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import numpy as np
 
 from lefusion_nnunet.errors import LeFusionInputError
+from lefusion_nnunet.integration.bank_store import (BANK_FOLDER, DRAWS_LOG_NAME, FORMAT, FORMAT_VERSION, MANIFEST_NAME,
+                                                    BankLock, SyntheticBank, json_safe, patch_path, prepare_resume,
+                                                    read_records, write_manifest, write_record)
 from lefusion_nnunet.integration.patch_maker import PatchMaker
-from lefusion_nnunet.integration.swap_dataset import PATCH_SUFFIX, save_patch
+from lefusion_nnunet.integration.swap_dataset import save_patch
 from lefusion_nnunet.synthesis.lesion import LesionSynthesizer
-from lefusion_nnunet.utils import atomic_directory, atomic_write_json
 from lefusion_nnunet.variants import make_variants as _make_variants
 
-BANK_FOLDER = "lefusion_bank"
-MANIFEST_NAME = "bank.json"
-FORMAT = "lefusion-bank"
-FORMAT_VERSION = 3  # 1: full preprocessed cases; 2: patches of the full route only (both ignored since)
-DRAWS_LOG_NAME = "lefusion_draws.log"
+__all__ = ["BankSpec", "BuildFn", "SyntheticBank", "BANK_FOLDER", "MANIFEST_NAME", "DRAWS_LOG_NAME", "FORMAT",
+           "FORMAT_VERSION", "canonical_sha256", "plans_sha256", "lesion_free_cases", "lock_path", "build_locked",
+           "ensure_bank", "make_synthesizer", "make_variants", "build_bank_contents"]
 
 
 # ----------------------------------------------------------------------------------------------- key
 
 def canonical_sha256(obj: Any) -> str:
     """SHA-256 of ``obj`` as canonical JSON (sorted keys, no whitespace)."""
-    return hashlib.sha256(json.dumps(_json_safe(obj), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(json_safe(obj), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
-
-def _json_safe(obj: Any) -> Any:
-    """Plain JSON types from numpy scalars/arrays, tuples, paths and dataclass-like configs."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "to_dict"):
-        return _json_safe(obj.to_dict())
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return str(obj)
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return str(obj)
 
 
 @dataclass(frozen=True)
@@ -97,7 +75,7 @@ class BankSpec:
 
     def to_dict(self) -> dict:
         d = {"format_version": FORMAT_VERSION, "checkpoint_sha256": self.checkpoint_sha256,
-             "variants": _json_safe(self.variants), "fold": self.fold, "configuration": self.configuration,
+             "variants": json_safe(self.variants), "fold": self.fold, "configuration": self.configuration,
              "plans_name": self.plans_name, "data_identifier": self.data_identifier,
              "plans_sha256": self.plans_sha256, "lesion_labels": list(self.lesion_labels),
              "case_ids": sorted(self.case_ids)}
@@ -155,101 +133,45 @@ def lesion_free_cases(preprocessed_folder: Path | str, case_ids: Iterable[str],
 
 # ----------------------------------------------------------------------------------------------- bank
 
-@dataclass
-class SyntheticBank:
-    """A complete bank folder and its manifest."""
-
-    folder: Path
-    key: str
-    variants_by_source: dict[str, list[str]]
-    manifest: dict = field(repr=False)
-    built: bool = False
-    build_seconds: float = 0.0
-
-    @property
-    def num_variants(self) -> int:
-        return sum(len(v) for v in self.variants_by_source.values())
-
-    @property
-    def warnings(self) -> list[str]:
-        return list(self.manifest.get("warnings", []))
-
-    def source_of(self, variant_id: str) -> str:
-        return self.manifest["variants"][variant_id]["source_case"]
-
-    @classmethod
-    def load(cls, folder: Path | str, key: str | None = None) -> "SyntheticBank | None":
-        """The bank in ``folder``, or None if it is missing, incomplete or for another key."""
-        folder = Path(folder)
-        try:
-            manifest = json.loads((folder / MANIFEST_NAME).read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            return None
-        if key is not None and manifest.get("key") != key:
-            return None
-        by_source: dict[str, list[str]] = {}
-        for vid, entry in sorted(manifest.get("variants", {}).items()):
-            if not (folder / f"{vid}{PATCH_SUFFIX}").is_file():
-                return None
-            by_source.setdefault(entry["source_case"], []).append(vid)
-        return cls(folder=folder, key=manifest["key"], variants_by_source=by_source, manifest=manifest,
-                   build_seconds=float(manifest.get("build_seconds", 0.0)))
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """Exclusive advisory lock (no-op where fcntl is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 BuildFn = Callable[[Path], tuple[dict, list[str]]]
+"""``build(folder)`` writes a bank's patches and records into ``folder`` (continuing the sources recorded there) and
+returns ``({variant_id: entry}, warnings)`` of all its sources (:func:`build_bank_contents`)."""
 
 
-def _load_or_build(spec: BankSpec, root: Path, build: BuildFn, log: Callable[[str], None]) -> SyntheticBank:
-    key = spec.key
-    final = root / key
-    with _file_lock(root / f".{key}.lock"):
-        bank = SyntheticBank.load(final, key)
-        if bank is not None:
-            return bank
-        shutil.rmtree(root / f".{key}.partial", ignore_errors=True)  # left by a killed build
-        start = time.perf_counter()
-        with atomic_directory(final, overwrite=True) as partial:
-            variants, warnings = build(partial)
-            seconds = time.perf_counter() - start
-            atomic_write_json(partial / MANIFEST_NAME, {
-                "format": FORMAT, "format_version": FORMAT_VERSION, "key": key, "spec": spec.to_dict(),
-                "variants": _json_safe(variants), "warnings": list(warnings), "build_seconds": round(seconds, 3),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        bank = SyntheticBank.load(final, key)
-        if bank is None:  # pragma: no cover - would be a bug in the build
-            raise RuntimeError(f"the LeFusion bank {final} was written but cannot be read back")
-        bank.built = True
+def lock_path(root: Path | str, key: str) -> Path:
+    """The lock file of bank ``key`` under ``root``."""
+    return Path(root) / f".{key}.lock"
+
+
+def build_locked(spec: BankSpec, root: Path | str, build: BuildFn, log: Callable[[str], None]) -> SyntheticBank:
+    """The complete bank of ``spec`` under ``root``: loaded if complete, else built (continued) in place by
+    ``build`` and its manifest written last. The caller holds the bank's :class:`BankLock`."""
+    folder = Path(root) / spec.key
+    bank = SyntheticBank.load(folder, spec.key)
+    if bank is not None:
         return bank
+    kept = prepare_resume(folder)
+    if kept:
+        log(f"LeFusion bank: continuing an interrupted build in {folder} ({len(kept)} of {len(spec.case_ids)} "
+            f"source cases done)")
+    start = time.perf_counter()
+    variants, warnings = build(folder)
+    write_manifest(folder, spec.key, spec.to_dict(), variants, warnings, time.perf_counter() - start)
+    bank = SyntheticBank.load(folder, spec.key)
+    if bank is None:  # pragma: no cover - would be a bug in the build
+        raise RuntimeError(f"the LeFusion bank {folder} was written but cannot be read back")
+    bank.built = True
+    return bank
 
 
 def ensure_bank(spec: BankSpec, root: Path | str, build: BuildFn, *, rank: int = 0,
                 barrier: Callable[[], None] | None = None, log: Callable[[str], None] = print,
                 poll_seconds: float = 2.0) -> SyntheticBank:
-    """The bank for ``spec`` under ``root``: reused when complete, else built by ``build(partial_folder)``.
+    """The bank for ``spec`` under ``root``, complete when this returns: reused, or built by ``build(folder)``.
 
-    ``build`` writes the preprocessed variants into the folder it gets and returns
-    ``({variant_id: {"source_case": ..., "provenance": {...}}}, warnings)``. With DDP pass ``rank`` and
-    ``barrier`` (``torch.distributed.barrier``): rank 0 builds, the others poll for the finished manifest
-    (no collective timeout however long the build takes) or for rank 0's failure marker.
+    Waits for the bank's lock (another process building it finishes first; its bank is then reused). With DDP
+    pass ``rank`` and ``barrier`` (``torch.distributed.barrier``): rank 0 builds, the others poll for the
+    finished manifest (no collective timeout however long the build takes) or for rank 0's failure marker.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -260,7 +182,8 @@ def ensure_bank(spec: BankSpec, root: Path | str, build: BuildFn, *, rank: int =
         barrier()
     if rank == 0:
         try:
-            bank = _load_or_build(spec, root, build, log)
+            with BankLock.acquire(lock_path(root, spec.key)):  # type: ignore[union-attr]  (blocking: never None)
+                bank = build_locked(spec, root, build, log)
         except BaseException as exc:
             if barrier is not None:
                 failed.write_text(f"{type(exc).__name__}: {exc}\n")
@@ -287,64 +210,127 @@ def make_synthesizer(checkpoint: Path | str, variants: Any, device: str, batch_s
                                              getattr(variants, "guidance_scale", 1.0), batch_size)
 
 
-def make_variants(synth, raw_dataset, case_ids: list[str], settings):
-    """:func:`lefusion_nnunet.variants.make_variants` (a seam tests replace)."""
-    return _make_variants(synth, raw_dataset, case_ids, settings)
+def make_variants(synth, raw_dataset, case_ids: list[str], settings, done: Collection[str] = ()):
+    """:func:`lefusion_nnunet.variants.make_variants` (a seam tests replace); cases in ``done`` are skipped."""
+    return _make_variants(synth, raw_dataset, case_ids, settings, done=done)
+
+
+def _warning_source(warning: str, sources: Sequence[str]) -> str | None:
+    """The source case a warning is about: its ``case_id`` (``VariantWarning``), else the longest source id the
+    text starts with."""
+    case = getattr(warning, "case_id", None)
+    if case in sources:
+        return case
+    matches = [s for s in sources if str(warning).startswith(s)]
+    return max(matches, key=len) if matches else None
+
+
+class _SourceRecords:
+    """Per-source entries and warnings of one build, each source's record written once its variants are stored."""
+
+    def __init__(self, folder: Path, case_ids: Sequence[str], kept: dict[str, dict]):
+        self.folder, self.case_ids = folder, list(case_ids)
+        self.records = {s: kept[s] for s in self.case_ids if s in kept}
+        self.open: dict[str, dict] = {}
+        self.pending: list[str] = []  # warnings of no known source: go with the next record written
+
+    def add_warning(self, warning: str) -> None:
+        source = _warning_source(warning, self.case_ids)
+        if source is None:
+            self.pending.append(str(warning))
+        else:
+            self._open(source)["warnings"].append(str(warning))
+
+    def add_variant(self, source: str, variant_id: str, entry: dict) -> None:
+        self._open(source)["variants"][variant_id] = entry
+
+    def _open(self, source: str) -> dict:
+        return self.open.setdefault(source, {"variants": {}, "warnings": []})
+
+    def close(self, sources: Iterable[str]) -> None:
+        """Write the records of ``sources`` (every variant of each is stored)."""
+        for source in sources:
+            record = self.open.pop(source, None) or {"variants": {}, "warnings": []}
+            record["warnings"] = self.pending + record["warnings"]
+            self.pending = []
+            write_record(self.folder, source, record["variants"], record["warnings"])
+            self.records[source] = record
+
+    def contents(self) -> tuple[dict, list[str]]:
+        """All variants and warnings, in source order (the same for a continued and an uninterrupted build)."""
+        variants: dict[str, dict] = {}
+        warnings: list[str] = []
+        for source in self.case_ids:
+            record = self.records.get(source, {"variants": {}, "warnings": []})
+            variants.update(record["variants"])
+            warnings.extend(record["warnings"])
+        return variants, warnings + self.pending
 
 
 def build_bank_contents(out_dir: Path, *, synthesizer_factory: Callable[[], Any], raw_dataset, case_ids: list[str],
                         variant_settings, plans_manager, configuration_manager, dataset_json: dict,
                         dataset_class, preprocessed_folder: Path | str | None = None,
                         log: Callable[[str], None] = print, crop_route: bool = True,
-                        progress: Callable[[int], None] | None = None) -> tuple[dict, list[str]]:
-    """Make the variants of ``case_ids`` and save each one's patch into ``out_dir``; returns (variants, warnings).
+                        progress: Callable[..., None] | None = None) -> tuple[dict, list[str]]:
+    """Make the variants of ``case_ids`` into the bank folder ``out_dir``; returns (variants, warnings).
 
-    ``preprocessed_folder`` holds the source cases as nnU-Net stored them (default: the configuration's folder
-    under ``$nnUNet_preprocessed``); ``dataset_class`` is the nnU-Net dataset class that reads them. Each
-    variant's entry records its ``route`` ("crop" or "full", :mod:`~lefusion_nnunet.integration.patch_maker`;
-    ``crop_route=False`` forces "full") and, for "full", ``route_reason``. ``progress`` is called after each
-    source case with the number of its variants handled (stored or skipped).
+    Each variant's patch is saved atomically; once all variants of a source case are stored its record
+    (``cases/<source>.json``) is written. Sources already recorded in ``out_dir`` (a killed build's) are kept and
+    not made again. ``preprocessed_folder`` holds the source cases as nnU-Net stored them (default: the
+    configuration's folder under ``$nnUNet_preprocessed``); ``dataset_class`` is the nnU-Net dataset class that
+    reads them. Each variant's entry records its ``route`` ("crop" or "full",
+    :mod:`~lefusion_nnunet.integration.patch_maker`; ``crop_route=False`` forces "full") and, for "full",
+    ``route_reason``. ``progress(n)`` is called after each chunk of source cases with the number of its variants
+    handled (stored or skipped), and first ``progress(n, kept=True)`` with the variants kept from a killed build.
     """
     if preprocessed_folder is None:
         from nnunetv2.paths import nnUNet_preprocessed
 
         preprocessed_folder = Path(nnUNet_preprocessed) / plans_manager.dataset_name / \
             configuration_manager.data_identifier
+    out_dir, case_ids = Path(out_dir), list(case_ids)
+    kept = {s: r for s, r in read_records(out_dir).items() if s in case_ids}
+    records = _SourceRecords(out_dir, case_ids, kept)
+    if kept and progress is not None:
+        progress(sum(len(r["variants"]) for r in kept.values()), kept=True)
     maker = PatchMaker(raw_dataset, plans_manager, configuration_manager, dataset_json,
-                       dataset_class(str(preprocessed_folder), list(case_ids)), crop_route=crop_route)
+                       dataset_class(str(preprocessed_folder), case_ids), crop_route=crop_route)
     synth = synthesizer_factory()
-    variants: dict[str, dict] = {}
-    warnings: list[str] = []
-    done_sources: set[str] = set()
     routes: dict[str, int] = {}
-    seconds = 0.0
+    made, seconds = 0, 0.0
     try:
-        for cases, chunk_warnings in make_variants(synth, raw_dataset, list(case_ids), variant_settings):
-            warnings.extend(str(w) for w in chunk_warnings)
+        for cases, chunk_warnings in make_variants(synth, raw_dataset, case_ids, variant_settings, done=set(kept)):
+            for warning in chunk_warnings:
+                records.add_warning(warning)
+            sources: list[str] = []
             for case in cases:
-                if case.source_case not in case_ids:
+                if case.source_case not in case_ids or case.source_case in records.records:
                     raise RuntimeError(f"make_variants returned a variant of {case.source_case}, which was "
-                                       f"not requested")
+                                       f"not requested or is already complete")
+                if case.source_case not in sources:
+                    sources.append(case.source_case)
                 start = time.perf_counter()
                 result = maker(case)
                 if result.patch is None:
-                    warnings.append(str(result.warning))
+                    records.add_warning(str(result.warning))
                     continue
-                size = save_patch(out_dir / f"{case.case_id}{PATCH_SUFFIX}", result.patch)
+                size = save_patch(patch_path(out_dir, case.case_id), result.patch)
                 seconds += time.perf_counter() - start
+                made += 1
                 routes[result.route] = routes.get(result.route, 0) + 1
-                variants[case.case_id] = {"source_case": case.source_case, "bbox": result.patch.bbox.tolist(),
-                                          "patch_bytes": size, "route": result.route,
-                                          "provenance": _json_safe(getattr(case, "provenance", {}))}
+                entry = {"source_case": case.source_case, "bbox": result.patch.bbox.tolist(), "patch_bytes": size,
+                         "route": result.route, "provenance": json_safe(getattr(case, "provenance", {}))}
                 if result.reason is not None:
-                    variants[case.case_id]["route_reason"] = result.reason
-                done_sources.add(case.source_case)
+                    entry["route_reason"] = result.reason
+                records.add_variant(case.source_case, case.case_id, entry)
+            records.close(sources + [s for s in records.open if s not in sources])
             if progress is not None:
                 progress(len(cases))
-            log(f"LeFusion bank: {len(variants)} synthetic cases from {len(done_sources)} of "
-                f"{len(case_ids)} lesion-free training cases"
-                + (f" ({seconds / len(variants):.2f} s preprocessing per variant; routes "
-                   f"{', '.join(f'{k} {v}' for k, v in sorted(routes.items()))})" if variants else ""))
+            log(f"LeFusion bank: {sum(len(r['variants']) for r in records.records.values())} synthetic cases "
+                f"from {len(records.records)} of {len(case_ids)} lesion-free training cases"
+                + (f" ({seconds / made:.2f} s preprocessing per variant; routes "
+                   f"{', '.join(f'{k} {v}' for k, v in sorted(routes.items()))})" if made else ""))
+        records.close([s for s in case_ids if s not in records.records])  # sources that gave nothing at all
     finally:
         del synth
-    return variants, warnings
+    return records.contents()

@@ -230,19 +230,26 @@ class PatchMaker:
 
     def _changed_region(self, case, src: dict):
         """The native box of every voxel the variant changes (after the writer's cast), the cast variant
-        channels / label inside a box containing it, or a reason string."""
+        channels / label inside a box containing it, or a reason string. Reads only the variant's own box
+        (``case.box``: every changed voxel lies inside it)."""
         native = src["native"]
-        channels, label = [np.asarray(c) for c in case.channels], np.asarray(case.label)
-        source_label = self._lazy(src, f"label_as_{label.dtype}", lambda: self._native_seg(src).astype(label.dtype))
-        rough = np.not_equal(label, source_label)
+        outer = np.asarray(getattr(case, "box", [[0, n] for n in native.shape[1:]]), np.int64).reshape(3, 2)
+        osl = _slices(outer)
+        channels = [case.channel_in(c, outer) for c in range(native.shape[0])]
+        label = case.label_in(outer)
+        rough = np.not_equal(label, self._native_seg(src)[osl].astype(label.dtype))
         for c, ch in enumerate(channels):
-            rough |= np.not_equal(ch, native[c])
-        box = lp.bounding_box(rough)
-        if box is None:
+            rough |= np.not_equal(ch, native[c][osl])
+        inner = lp.bounding_box(rough)
+        if inner is None:
             return None
+        box = [(int(o) + a, int(o) + b) for (a, b), o in zip(inner, outer[:, 0])]
+        local = _slices(inner)
+        label_max = max(int(label.max()), self._lazy(src, "label_max", lambda: int(self._native_seg(src).max())))
+        dtype = label_dtype(np.array([label_max]), src["label_properties"])
         sl = _slices(box)
-        var = np.stack([_to_dtype(ch[sl], dt).astype(np.float32) for ch, dt in zip(channels, src["dtypes"])])
-        var_label = _to_dtype(label[sl], label_dtype(label, src["label_properties"])).astype(np.float32)
+        var = np.stack([_to_dtype(ch[local], dt).astype(np.float32) for ch, dt in zip(channels, src["dtypes"])])
+        var_label = _to_dtype(label[local], dtype).astype(np.float32)
         changed = (var_label != self._native_seg(src)[sl]) | (var != native[(slice(None), *sl)]).any(0)
         flips = (var != 0).any(0) != (native[(slice(None), *sl)] != 0).any(0)
         if flips.any() and not lp.nonzero_mask_unchanged(

@@ -4,24 +4,27 @@ A variant is stored as a :class:`Patch` of its source's preprocessed case (:func
 :func:`load_patch`). :class:`SyntheticSwapDataset` wraps nnU-Net's training dataset so that
 ``load_case(source)`` returns, with probability P, the source case as nnU-Net loads it with one of its variants'
 patches pasted in (:class:`PatchedArray`: only the voxels inside the patch differ) and records each load in a
-draws log; :func:`read_draws` counts what was drawn.
+draws log; :func:`read_draws` counts what was drawn. It reads a complete bank, or one still being built
+(:meth:`SyntheticSwapDataset.growing`: sources join the draw pool as their records appear).
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from lefusion_nnunet.integration.bank import SyntheticBank
+from lefusion_nnunet.integration.bank_store import (PATCH_SUFFIX, SyntheticBank, patch_path, read_manifest,
+                                                    read_records, variants_by_source)
+from lefusion_nnunet.utils import atomic_write_bytes
 
 __all__ = ["SyntheticSwapDataset", "DrawStats", "read_draws", "DRAWS_LOG_HEADER", "Patch", "PatchedArray",
-           "difference_patch", "save_patch", "load_patch", "merge_class_locations"]
+           "difference_patch", "save_patch", "load_patch", "merge_class_locations", "PATCH_SUFFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +33,6 @@ DRAWS_LOG_HEADER = "# kind (S = synthetic variant, R = real case)\tsource case\t
 
 
 # ----------------------------------------------------------------------------------------------- patches
-
-PATCH_SUFFIX = ".npz"
-
 
 @dataclass
 class Patch:
@@ -82,14 +82,17 @@ def difference_patch(data: np.ndarray, seg: np.ndarray, class_locations: dict, s
     return Patch(np.ascontiguousarray(data[inner]), np.ascontiguousarray(seg[inner]), bbox, locations)
 
 
-def save_patch(path: Path, patch: Patch) -> int:
-    """Write ``patch`` as one compressed ``.npz``; returns its size in bytes."""
+def save_patch(path: Path | str, patch: Patch) -> int:
+    """Write ``patch`` as one compressed ``.npz``, atomically (a reader never sees part of it); returns its size
+    in bytes."""
     keys = [list(k) if isinstance(k, tuple) else int(k) for k in patch.class_locations]
     arrays = {f"locations{i}": v for i, v in enumerate(patch.class_locations.values())}
-    with open(path, "wb") as f:
-        np.savez_compressed(f, data=patch.data, seg=patch.seg, bbox=patch.bbox,
-                            location_keys=np.array(json.dumps(keys)), **arrays)
-    return path.stat().st_size
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, data=patch.data, seg=patch.seg, bbox=patch.bbox,
+                        location_keys=np.array(json.dumps(keys)), **arrays)
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return len(data)
 
 
 def load_patch(path: Path | str) -> Patch:
@@ -166,19 +169,42 @@ class SyntheticSwapDataset:
     line ``S|R <tab> source <tab> loaded id`` to ``draws_log`` (``O_APPEND``, safe across processes) below a
     header line (:data:`DRAWS_LOG_HEADER`).
     Picklable (only the wrapped dataset, paths and plain data are kept).
+
+    Built from a complete :class:`SyntheticBank`, or with :meth:`growing` from a bank still being built.
     """
 
+    #: Seconds between two reads of a growing bank's records, in each process that loads cases.
+    REFRESH_SECONDS = 5.0
+
     def __init__(self, real, bank: SyntheticBank, probability: float, draws_log: str | None = None):
+        self._setup(real, bank.folder, probability, draws_log)
+        self._use(bank.variants_by_source)
+
+    @classmethod
+    def growing(cls, real, folder: Path | str, key: str, probability: float,
+                draws_log: str | None = None) -> "SyntheticSwapDataset":
+        """The dataset over the bank ``folder`` (of ``key``) while it is built: in every process (nnU-Net's loader
+        workers each get a copy) the per-source records are read again at most every :data:`REFRESH_SECONDS`, so
+        a source joins the draw pool once all its variants are stored; until then it loads as the real case ("R"
+        in the draws log). Once the bank's manifest exists it is read once and reading stops."""
+        dataset = cls.__new__(cls)
+        dataset._setup(real, folder, probability, draws_log)
+        dataset._use({})
+        dataset.growing_key = str(key)
+        dataset._refresh()
+        return dataset
+
+    def _setup(self, real, folder: Path | str, probability: float, draws_log: str | None) -> None:
         self.real = real
         self.identifiers = real.identifiers
         self.source_folder = real.source_folder
         self.folder_with_segs_from_previous_stage = getattr(real, "folder_with_segs_from_previous_stage", None)
         self.probability = float(probability)
-        train = set(real.identifiers)
-        self.variants_by_source = {k: sorted(v) for k, v in bank.variants_by_source.items() if k in train and v}
-        self.source_of = {v: k for k, vs in self.variants_by_source.items() for v in vs}
-        self.bank_folder = str(bank.folder)
+        self.bank_folder = str(folder)
         self.draws_log = draws_log
+        self.growing_key: str | None = None  # set while the bank is incomplete
+        self._recorded: set[str] = set()
+        self._next_refresh = 0.0
         if draws_log is not None and not os.path.exists(draws_log):  # main process, before any worker forks
             try:
                 with open(draws_log, "x") as f:
@@ -188,6 +214,29 @@ class SyntheticSwapDataset:
         self._pid: int | None = None
         self._rng: np.random.Generator | None = None
         self._fd: int | None = None
+
+    def _use(self, by_source: dict[str, list[str]]) -> None:
+        train = set(self.identifiers)
+        self.variants_by_source = {k: sorted(v) for k, v in by_source.items() if k in train and v}
+        self.source_of = {v: k for k, vs in self.variants_by_source.items() for v in vs}
+
+    def _refresh(self) -> None:
+        """Growing bank: take up the sources recorded since the last read, or the manifest once it exists."""
+        now = time.monotonic()
+        if now < self._next_refresh:
+            return
+        self._next_refresh = now + self.REFRESH_SECONDS
+        manifest = read_manifest(self.bank_folder, self.growing_key)
+        if manifest is not None:
+            self.growing_key = None
+            self._use(variants_by_source(manifest.get("variants", {})))
+            return
+        records = read_records(self.bank_folder, skip=self._recorded)
+        if records:
+            self._recorded.update(records)
+            by_source = dict(self.variants_by_source)
+            by_source.update({s: sorted(r["variants"]) for s, r in records.items()})
+            self._use(by_source)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -212,6 +261,8 @@ class SyntheticSwapDataset:
 
     def load_case(self, identifier: str):
         rng = self._process_state()
+        if self.growing_key is not None:
+            self._refresh()
         variants = self.variants_by_source.get(identifier)
         if variants and rng.random() < self.probability:
             variant = variants[int(rng.integers(len(variants)))]
@@ -226,7 +277,7 @@ class SyntheticSwapDataset:
         ``properties['class_locations']``."""
         source = self.source_of[variant]
         data, seg, seg_prev, properties = self.real.load_case(source)
-        patch = load_patch(os.path.join(self.bank_folder, variant + PATCH_SUFFIX))
+        patch = load_patch(patch_path(self.bank_folder, variant))
         properties = dict(properties, lefusion_source_case=source, lefusion_variant=variant)
         properties["class_locations"] = merge_class_locations(properties.get("class_locations") or {}, patch)
         return (PatchedArray(data, patch.data, patch.start), PatchedArray(seg, patch.seg, patch.start), seg_prev,

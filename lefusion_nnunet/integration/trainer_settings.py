@@ -17,6 +17,9 @@ nnU-Net builds trainers with a fixed ``__init__`` signature, so the trainer cann
    ``LEFUSION_SEED``                             seed of the variants (default 0)
    ``LEFUSION_BATCH_SIZE``                       ROIs per diffusion network call while building (default 4)
    ``LEFUSION_DEVICE``                           ``auto`` (the trainer's device), ``cpu`` or ``cuda``
+   ``LEFUSION_BANK_BUILD``                       ``background`` (default: training starts at once, variants
+                                                 join as they are made) or ``before-training`` (the whole bank
+                                                 is built before the first iteration)
    ``LEFUSION_ITERATIONS_PER_EPOCH``             overrides nnU-Net's ``num_iterations_per_epoch`` (250)
    ``LEFUSION_VAL_ITERATIONS_PER_EPOCH``         overrides nnU-Net's ``num_val_iterations_per_epoch`` (50)
    ============================================  ==============================================================
@@ -49,17 +52,23 @@ ENV_BATCH_SIZE = "LEFUSION_BATCH_SIZE"
 ENV_DEVICE = "LEFUSION_DEVICE"
 ENV_ITERATIONS = "LEFUSION_ITERATIONS_PER_EPOCH"
 ENV_VAL_ITERATIONS = "LEFUSION_VAL_ITERATIONS_PER_EPOCH"
+ENV_BANK_BUILD = "LEFUSION_BANK_BUILD"
 ENV_VARS = (ENV_SETTINGS, ENV_CHECKPOINT, ENV_PROBABILITY, ENV_PER_CASE, ENV_SEED, ENV_BATCH_SIZE, ENV_DEVICE,
-            ENV_ITERATIONS, ENV_VAL_ITERATIONS)
+            ENV_ITERATIONS, ENV_VAL_ITERATIONS, ENV_BANK_BUILD)
+
+#: When the bank is built: "background" (training starts at once; early epochs draw from the variants made so far)
+#: or "before-training" (the whole bank exists before the first iteration). Both build the same bank.
+BANK_BUILD_MODES = ("background", "before-training")
 
 #: K, variants per lesion-free training case, when neither the settings file nor ``LEFUSION_PER_CASE`` sets it.
 #: A 1,000-epoch nnU-Net run makes 1,000 x 250 iterations x batch 2 = 500,000 case loads: with 100 training cases
 #: each lesion-free case is drawn ~5,000 times, P = 0.5 of them synthetic, so K = 2 would show each synthetic
 #: lesion ~1,250 times and K = 16 ~160 times (each still augmented by nnU-Net). The bank grows linearly in K:
-#: per lesion-free case 16 x ~0.5 s (the default sampler's network time per lesion on 2 CPU cores, which is most
-#: of the build; a GPU is faster) = ~8 s, and 16 x 0.34 MB = ~5.4 MB on disk at 512 x 512 x 128 voxels, ~4 % of
-#: the 128 MiB float32 case nnU-Net stores. 50 lesion-free training cases: 800 variants, ~7 min on 2 CPU cores,
-#: ~270 MB, built once per fold and reused by ``--c`` and later runs.
+#: per lesion-free 512 x 512 x 128 case 16 x (~0.5 s of the default sampler's network time per lesion on 2 CPU
+#: cores, less on a GPU, + ~0.4 s for the rest, benchmarks/clinical_scale.py) = ~15 s, and 16 x 0.27 MB = ~4.3 MB on
+#: disk, ~3 % of the 128 MiB float32 case nnU-Net stores. 50 lesion-free training cases: 800 variants, ~12 min on 2
+#: CPU cores in the background while training runs, ~220 MB, built once per fold and reused by ``--c`` and later
+#: runs.
 DEFAULT_PER_CASE = 16
 
 
@@ -78,6 +87,9 @@ class TrainerSettings(JsonConfig):
             K defaults to :data:`DEFAULT_PER_CASE` (16), also when a settings file's ``variants`` omit it.
         batch_size: ROIs per diffusion network call while the bank is built.
         device: ``"auto"`` (the trainer's device), ``"cpu"`` or ``"cuda"`` for building the bank.
+        bank_build: ``"background"`` (training starts at once and lesion-free cases join the draw pool as their
+            variants are made) or ``"before-training"`` (the whole bank is built before the first iteration);
+            not part of the bank's key (both build the same bank).
         num_iterations_per_epoch: None keeps nnU-Net's value (250); set it for short runs.
         num_val_iterations_per_epoch: None keeps nnU-Net's value (50).
     """
@@ -89,6 +101,7 @@ class TrainerSettings(JsonConfig):
     variants: VariantSettings = field(default_factory=_default_variants)
     batch_size: int = 4
     device: str = "auto"
+    bank_build: str = "background"
     num_iterations_per_epoch: int | None = None
     num_val_iterations_per_epoch: int | None = None
 
@@ -106,6 +119,9 @@ class TrainerSettings(JsonConfig):
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "mps")
                                                     or self.device.startswith("cuda")):
             raise LeFusionInputError(f"LeFusion device {self.device!r} is unknown; use auto, cpu or cuda.")
+        if self.bank_build not in BANK_BUILD_MODES:
+            raise LeFusionInputError(f"LeFusion bank build {self.bank_build!r} is unknown; use "
+                                     f"{' or '.join(BANK_BUILD_MODES)}.")
         for name in ("num_iterations_per_epoch", "num_val_iterations_per_epoch"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
@@ -184,9 +200,10 @@ def _apply_env(settings: TrainerSettings) -> TrainerSettings:
         value = _env_number(var, kind, what)
         if value is not None:
             changes[name] = value
-    device = os.environ.get(ENV_DEVICE)
-    if device:
-        changes["device"] = device.strip()
+    for var, name in ((ENV_DEVICE, "device"), (ENV_BANK_BUILD, "bank_build")):
+        text = os.environ.get(var)
+        if text and text.strip():
+            changes[name] = text.strip()
     variant_changes: dict[str, Any] = {}
     per_case = _env_number(ENV_PER_CASE, int, "an integer >= 1")
     if per_case is not None:

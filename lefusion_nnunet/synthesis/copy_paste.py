@@ -42,6 +42,7 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from lefusion_nnunet.checkpoints.loaders import checkpoint_data_config
 from lefusion_nnunet.data.config import DataConfig, build_data_config
@@ -49,7 +50,7 @@ from lefusion_nnunet.data.dataset import load_raw_dataset
 from lefusion_nnunet.data.histogram import (HIST_BINS, TextureSpec, class_histograms, cluster_prototypes,
                                             lesion_histogram, resolve_texture)
 from lefusion_nnunet.data.intensity import IntensitySpace, derive_ct_window
-from lefusion_nnunet.data.roi import RoiGeometry
+from lefusion_nnunet.data.roi import LesionEdit, NativeWindow, RoiGeometry
 from lefusion_nnunet.errors import LeFusionInputError
 from lefusion_nnunet.paths import find_default_checkpoint
 from lefusion_nnunet.synthesis.copy_paste_sources import CopyPasteSource, SourceLesion, collect_source_lesions
@@ -201,12 +202,11 @@ class CopyPasteSynthesizer:
                 dist = np.where(ok, dist, np.inf)
         return int(np.argmin(dist))
 
-    def synthesize(self, requests: list, generator=None, rng: np.random.Generator | None = None,
-                   progress: bool = False) -> list[np.ndarray]:
-        """Fill each request's mask with a real lesion; returns native float32 ``(Z, Y, X)`` images changed only
-        inside the union of the request's class masks."""
-        from tqdm.auto import tqdm
-
+    def synthesize_edits(self, requests: list, generator=None, rng: np.random.Generator | None = None,
+                         progress: bool = False) -> list[LesionEdit]:
+        """Fill each request's mask with a real lesion; returns per request a :class:`LesionEdit` on the box of
+        its mask, changed only inside the union of the request's class masks (the interface of
+        :meth:`LesionSynthesizer.synthesize_edits`)."""
         rng = rng if rng is not None else np.random.default_rng()
         gens = None
         if generator is not None and not hasattr(generator, "manual_seed"):
@@ -214,17 +214,23 @@ class CopyPasteSynthesizer:
             if len(gens) != len(requests):
                 raise ValueError(f"{len(gens)} generators for {len(requests)} requests")
         self.last_choices = []
-        outputs = []
+        edits = []
         for i, req in enumerate(tqdm(requests, desc="copy-paste", disable=not progress, leave=False)):
             g = gens[i] if gens is not None else generator
             texture = req.texture if req.texture is not None else self.texture_condition(TextureSpec("random"), rng)
             masks = np.asarray(req.class_masks, bool)
             idx = self.choose_lesion(texture, masks.reshape(masks.shape[0], -1).any(1) if masks.ndim == 4 else None)
             flips = self._flips(g, rng)
-            outputs.append(self.fill(req, idx, flips))
+            edits.append(self.fill(req, idx, flips))
             les = self.lesions[idx]
             self.last_choices.append({"source_case": les.case_id, "component": les.component, "flips_zyx": flips})
-        return outputs
+        return edits
+
+    def synthesize(self, requests: list, generator=None, rng: np.random.Generator | None = None,
+                   progress: bool = False) -> list[np.ndarray]:
+        """Like :meth:`synthesize_edits`, but returns whole native float32 ``(Z, Y, X)`` images."""
+        edits = self.synthesize_edits(requests, generator, rng, progress)
+        return [edit.apply(np.asarray(req.image, np.float32)) for edit, req in zip(edits, requests)]
 
     @staticmethod
     def _flips(generator, rng: np.random.Generator) -> list[bool]:
@@ -235,21 +241,29 @@ class CopyPasteSynthesizer:
         return [bool(v) for v in rng.integers(0, 2, size=3)]
 
     # -- the fill --------------------------------------------------------------------------------------------------
-    def fill(self, req, lesion_index: int, flips: Sequence[bool] = (False, False, False)) -> np.ndarray:
-        """Fill ``req.class_masks`` of ``req.image`` with source lesion ``lesion_index`` (flipped per axis)."""
+    def fill(self, req, lesion_index: int, flips: Sequence[bool] = (False, False, False)) -> LesionEdit:
+        """Fill ``req.class_masks`` of ``req.image`` with source lesion ``lesion_index`` (flipped per axis): the
+        edit on the box of the mask (float32)."""
         data = self.data
         image = np.asarray(req.image)
         masks = np.asarray(req.class_masks, bool)
-        if masks.ndim != 4 or masks.shape[0] != data.num_classes or masks.shape[1:] != image.shape:
+        offset = np.zeros(3, np.int64) if req.mask_offset_zyx is None else np.asarray(req.mask_offset_zyx, np.int64)
+        inside = masks.ndim == 4 and (offset >= 0).all() and (offset + masks.shape[1:] <= np.asarray(image.shape)).all()
+        if masks.ndim != 4 or masks.shape[0] != data.num_classes or not inside or \
+                (req.mask_offset_zyx is None and masks.shape[1:] != image.shape):
             raise LeFusionInputError(f"lesion masks of shape {masks.shape} do not match {data.num_classes} class(es) "
                                      f"on an image of shape {image.shape} (z, y, x).")
-        out = np.array(image, dtype=np.float32, copy=True)
         union = masks.any(0)
         if not union.any():
-            return out
+            window = NativeWindow((0, 0, 0), (1, 1, 1), tuple(int(v) for v in image.shape))
+            return LesionEdit(window, image[window.slices].astype(np.float32), np.zeros((1, 1, 1), bool),
+                              np.zeros((masks.shape[0], 1, 1, 1), bool))
         idx = np.argwhere(union)
         lo, hi = idx.min(0), idx.max(0) + 1
         sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        window = NativeWindow(tuple(int(v) for v in lo + offset), tuple(int(v) for v in hi + offset),
+                              tuple(int(v) for v in image.shape))
+        out = np.array(image[window.slices], dtype=np.float32, copy=True)
         t_masks = masks[(slice(None),) + sl]
         t_union = t_masks.any(0)
         les = self.lesions[lesion_index]
@@ -279,12 +293,9 @@ class CopyPasteSynthesizer:
         if self.blend_mm > 0:
             dist = ndimage.distance_transform_edt(np.pad(t_union, 1), sampling=np.asarray(req.spacing, np.float64))
             w = np.clip(dist[1:-1, 1:-1, 1:-1] / self.blend_mm, 0.0, 1.0).astype(np.float32)
-            original = out[sl]
-            filled = w * filled + (1.0 - w) * original
-        region = out[sl]
-        region[t_union] = filled[t_union]
-        out[sl] = region
-        return out
+            filled = w * filled + (1.0 - w) * out
+        out[t_union] = filled[t_union]
+        return LesionEdit(window, out, t_union, t_masks)
 
     def _transfer_values(self, values: np.ndarray, les: SourceLesion, req, image: np.ndarray) -> np.ndarray:
         """Source native values in the target case's units (CT: unchanged; MR: through model space)."""

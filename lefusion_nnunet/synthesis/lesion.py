@@ -27,7 +27,8 @@ from lefusion_nnunet.checkpoints.loaders import LoadedCheckpoint, load_lesion_ch
 from lefusion_nnunet.data.config import DataConfig
 from lefusion_nnunet.data.histogram import TextureSpec, class_histograms, resolve_texture
 from lefusion_nnunet.data.masks import roi_mask_to_native
-from lefusion_nnunet.data.roi import extract_roi, extract_roi_mask, mask_fits_roi, paste_roi, plan_roi_origin
+from lefusion_nnunet.data.roi import (LesionEdit, NativeWindow, extract_roi, extract_roi_mask, mask_fits_roi, paste_roi,
+                                      plan_roi_origin)
 from lefusion_nnunet.diffusion import SamplerConfig, make_sampler
 from lefusion_nnunet.diffusion.inputs import lesion_model_inputs
 from lefusion_nnunet.errors import LeFusionInputError
@@ -40,13 +41,16 @@ class LesionRequest:
     """One lesion to synthesise.
 
     Attributes:
-        image: native ``(Z, Y, X)`` image (the channel the model was trained on).
+        image: native ``(Z, Y, X)`` image (the channel the model was trained on); never written.
         spacing: ``(z, y, x)`` mm.
-        class_masks: bool ``(C, Z, Y, X)``: where to generate each lesion class (native grid).
+        class_masks: bool ``(C, Z, Y, X)``: where to generate each lesion class (native grid); with
+            ``mask_offset_zyx`` a ``(C, z, y, x)`` block of the image instead.
         texture: ``(C * 16,)`` histogram condition, or None for a random training-lesion texture.
         value_range: native range mapped to [-1, 1]; None -> from the intensity space (MR: this case's percentiles).
         roi_origin_zyx: native voxel index (z, y, x) of the model ROI's first voxel, as planned by the caller
             (:func:`~lefusion_nnunet.data.roi.plan_roi_origin`); None -> planned here, centred on the mask.
+        mask_offset_zyx: image voxel index (z, y, x) of ``class_masks[:, 0, 0, 0]`` when the masks are a block;
+            None -> they cover the whole image.
     """
 
     image: np.ndarray
@@ -55,6 +59,7 @@ class LesionRequest:
     texture: np.ndarray | None = None
     value_range: tuple[float, float] | None = None
     roi_origin_zyx: np.ndarray | None = None
+    mask_offset_zyx: tuple[int, int, int] | None = None
 
 
 def generation_region(union_zyx: np.ndarray, generate_roi: np.ndarray, origin_zyx, spacing_zyx,
@@ -136,23 +141,39 @@ class LesionSynthesizer:
 
     # -- the data path -------------------------------------------------------------------------------------
     def _prepare(self, req: LesionRequest, rng: np.random.Generator) -> dict:
+        """The model inputs of one request, read from the native window of its ROI only (never the whole image,
+        except for an MR case's percentiles when ``value_range`` is not given)."""
         data = self.data
         masks = np.asarray(req.class_masks, bool)
-        if masks.ndim != 4 or masks.shape[0] != data.num_classes or masks.shape[1:] != req.image.shape:
+        shape = tuple(int(v) for v in np.shape(req.image))
+        offset = np.zeros(3, np.int64) if req.mask_offset_zyx is None else np.asarray(req.mask_offset_zyx, np.int64)
+        inside = masks.ndim == 4 and (offset >= 0).all() and (offset + masks.shape[1:] <= np.asarray(shape)).all()
+        if masks.ndim != 4 or masks.shape[0] != data.num_classes or not inside or \
+                (req.mask_offset_zyx is None and masks.shape[1:] != shape):
             raise LeFusionInputError(f"lesion masks of shape {masks.shape} do not match {data.num_classes} class(es) "
-                                     f"on an image of shape {req.image.shape} (z, y, x).")
-        union = masks.any(0)
-        origin = (np.asarray(req.roi_origin_zyx) if req.roi_origin_zyx is not None
-                  else plan_roi_origin(union, req.spacing, data.roi))
-        if not mask_fits_roi(union, req.spacing, origin, data.roi, margin=0.0):
+                                     f"on an image of shape {shape} (z, y, x).")
+        block_union = masks.any(0)
+        origin = (np.asarray(req.roi_origin_zyx, np.float64) if req.roi_origin_zyx is not None
+                  else plan_roi_origin(block_union, req.spacing, data.roi, offset))
+        if not mask_fits_roi(block_union, req.spacing, origin - offset, data.roi, margin=0.0):
             raise LeFusionInputError(f"the lesion mask does not fit the model ROI ({data.roi.extent_mm.round(1).tolist()} "
                                      f"mm, z, y, x); use a smaller lesion or a model trained with a larger --roi-size.")
+        window = NativeWindow.around_roi(origin, req.spacing, data.roi, shape)
+        local = window.local(origin)
+        window_masks = np.zeros((masks.shape[0], *window.shape), bool)
+        lo = np.maximum(offset, window.start)
+        hi = np.minimum(offset + masks.shape[1:], window.stop)
+        if (hi > lo).all():  # (the mask fits the ROI, so nothing of it lies outside the window)
+            window_masks[(slice(None), *(slice(a - w, b - w) for a, b, w in zip(lo, hi, window.start)))] = \
+                masks[(slice(None), *(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset)))]
+        image = np.asarray(req.image)[window.slices]
         value_range = req.value_range or data.intensity.value_range_for(req.image)
-        roi_model = data.intensity.to_model(extract_roi(req.image, req.spacing, origin, data.roi), value_range)
-        roi_masks = np.stack([extract_roi_mask(m, req.spacing, origin, data.roi) for m in masks])
+        roi_model = data.intensity.to_model(extract_roi(image, req.spacing, local, data.roi), value_range)
+        roi_masks = np.stack([extract_roi_mask(m, req.spacing, local, data.roi, window=window) for m in window_masks])
         texture = req.texture if req.texture is not None else self.texture_condition(TextureSpec("random"), rng)
         return dict(origin=origin, value_range=value_range, roi=roi_model, masks=roi_masks,
-                    texture=np.asarray(texture, np.float32), union=union)
+                    texture=np.asarray(texture, np.float32), window=window, local_origin=local, image=image,
+                    window_masks=window_masks)
 
     def _eps_fn(self, context: torch.Tensor, class_masks: torch.Tensor, cond: torch.Tensor):
         model, w = self.checkpoint.model, self.guidance_scale
@@ -194,9 +215,12 @@ class LesionSynthesizer:
         generate = inputs.generate[:, 0].bool().cpu().numpy()
         return [(composed[i].float().cpu().numpy(), generate[i]) for i in range(len(prepared))]
 
+    def _window_region(self, p: dict, generate: np.ndarray, spacing) -> np.ndarray:
+        return generation_region(p["window_masks"].any(0), generate, p["local_origin"], spacing, self.data)
+
     def generation_regions(self, requests: list[LesionRequest]) -> list[np.ndarray]:
-        """Per request, the native voxels synthesis may change, bool ``(Z, Y, X)`` (:func:`generation_region`),
-        without sampling: outside them the output is bit-identical to the input."""
+        """Per request, the native voxels synthesis may change, bool ``(Z, Y, X)`` of the whole image
+        (:func:`generation_region`), without sampling: outside them the output is bit-identical to the input."""
         out = []
         for req in requests:
             p = self._prepare(dataclasses.replace(req, texture=np.zeros(1, np.float32)), np.random.default_rng(0))
@@ -204,14 +228,16 @@ class LesionSynthesizer:
                                          border_ring=self.data.border_ring_voxels,
                                          ring_shape=self.data.border_ring_shape,
                                          spacing_zyx=self.data.roi.spacing_zyx)
-            out.append(generation_region(p["union"], inputs.generate[0, 0].bool().numpy(), p["origin"], req.spacing,
-                                         self.data))
+            region = np.zeros(np.shape(req.image), bool)
+            region[p["window"].slices] = self._window_region(p, inputs.generate[0, 0].bool().numpy(), req.spacing)
+            out.append(region)
         return out
 
-    def synthesize(self, requests: list[LesionRequest], generator=None, rng: np.random.Generator | None = None,
-                   progress: bool = False) -> list[np.ndarray]:
-        """Synthesise every request; returns native ``(Z, Y, X)`` float32 images changed only inside each request's
-        generation region (:func:`generation_region`: the mask, plus the border ring of models trained with one).
+    def synthesize_edits(self, requests: list[LesionRequest], generator=None, rng: np.random.Generator | None = None,
+                         progress: bool = False) -> list[LesionEdit]:
+        """Synthesise every request; returns, per request, its :class:`LesionEdit`: the native image inside the
+        window of its ROI, changed only inside the generation region (:func:`generation_region`: the mask, plus the
+        border ring of models trained with one). Touches only the windows, whatever the image size.
 
         Args:
             generator: one ``torch.Generator`` for all, or one per request (for results that do not depend
@@ -221,7 +247,7 @@ class LesionSynthesizer:
         rng = rng if rng is not None else seeded_rng(0, "synthesize", "textures")
         gens = _request_generators(generator, len(requests))
         prepared = [self._prepare(r, rng) for r in requests]
-        outputs: list[np.ndarray] = []
+        edits: list[LesionEdit] = []
         starts = range(0, len(requests), self.batch_size)
         for s in tqdm(starts, desc="synthesising", disable=not progress, leave=False):
             chunk = prepared[s:s + self.batch_size]
@@ -229,8 +255,14 @@ class LesionSynthesizer:
             for p, req, (roi_out, generate) in zip(chunk, requests[s:s + self.batch_size],
                                                    self._sample_batch(chunk, g)):
                 native_roi = self.data.intensity.to_native(roi_out, p["value_range"])
-                region = generation_region(p["union"], generate, p["origin"], req.spacing, self.data)
-                outputs.append(paste_roi(req.image, req.spacing, p["origin"], self.data.roi, native_roi, region))
-        return outputs
+                region = self._window_region(p, generate, req.spacing)
+                values = paste_roi(p["image"], req.spacing, p["local_origin"], self.data.roi, native_roi, region)
+                edits.append(LesionEdit(p["window"], values, region, p["window_masks"]))
+        return edits
 
-
+    def synthesize(self, requests: list[LesionRequest], generator=None, rng: np.random.Generator | None = None,
+                   progress: bool = False) -> list[np.ndarray]:
+        """Like :meth:`synthesize_edits`, but returns whole native ``(Z, Y, X)`` images (copies of each request's
+        image with its edit pasted: bit-identical outside the generation region)."""
+        edits = self.synthesize_edits(requests, generator, rng, progress)
+        return [edit.apply(req.image) for edit, req in zip(edits, requests)]
