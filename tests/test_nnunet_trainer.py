@@ -684,6 +684,22 @@ def test_trainer_trains_while_the_bank_builds_in_the_background(tiny, monkeypatc
     t2.on_train_end()
 
 
+def test_under_ddp_training_end_does_not_wait_for_the_build(tiny, monkeypatch):
+    """DDP: rank 0 must not block in on_train_end while the other ranks wait at nnU-Net's validation barriers; the
+    build goes on, and what a process exit leaves unfinished is continued by the next run."""
+    monkeypatch.setenv("LEFUSION_PROBABILITY", "1")
+    monkeypatch.setenv("LEFUSION_PER_CASE", "2")
+    tiny["calls"].delay_s = 6.0
+    t = _make_trainer("LeFusionTrainer_1epoch")
+    t.on_train_start()
+    t.is_ddp, t.disable_checkpointing = True, True  # (a DDP-wrapped network is not built on CPU)
+    start = time.perf_counter()
+    t.on_train_end()
+    assert time.perf_counter() - start < 5.0 and not t.lefusion_build.done
+    assert "under DDP rank 0 does not wait" in Path(t.log_file).read_text()
+    assert t.lefusion_build.join(timeout=120) is not None and t.lefusion_build.error is None
+
+
 def test_failed_background_build_stops_training(tiny, monkeypatch):
     """A build that fails in its thread is logged and raised in the training thread at the epoch's end: no
     training on real cases only, no final checkpoint."""

@@ -19,7 +19,8 @@ What differs from ``nnUNetTrainer`` (nothing else is overridden):
   and builds the whole bank first.
 - ``train_step`` / ``on_epoch_end``: raise a failed background build's exception (or its input error) at the next
   iteration (training never goes on real-only unnoticed).
-- ``on_train_end``: waits for a background build still running (so later runs reuse the bank), then logs how many
+- ``on_train_end``: waits for a background build still running (so later runs reuse the bank; under DDP it does not
+  wait, as the other ranks head for nnU-Net's validation barriers, and the next run continues it), then logs how many
   loads used a synthetic case (from ``<output_folder>/lefusion_draws.log``).
 
 Every nnU-Net setup works: any plans (``-p nnUNetResEncUNetMPlans`` etc.; the bank is keyed by plans and
@@ -173,8 +174,14 @@ class LeFusionTrainer(nnUNetTrainer):
         if build is not None and not build.done:
             progress = self._lefusion_progress
             made = f"{progress.done}/{progress.total} variants made" if progress is not None else "running"
-            self.print_to_log_file(f"LeFusion: training ended before the bank was complete ({made}); waiting for "
-                                   f"the build to finish so that later runs reuse the bank {build.folder}")
+            if self.is_ddp:  # the other ranks go on to nnU-Net's final-validation barriers: waiting could time out
+                self.print_to_log_file(f"LeFusion: training ended before the bank was complete ({made}); under "
+                                       f"DDP rank 0 does not wait: the build goes on while the process validates, "
+                                       f"and the next run continues what is unfinished in {build.folder}")
+                build = None
+            else:
+                self.print_to_log_file(f"LeFusion: training ended before the bank was complete ({made}); waiting "
+                                       f"for the build to finish so that later runs reuse the bank {build.folder}")
         if build is not None:
             build.join()
             self._lefusion_raise_build_error()
