@@ -36,8 +36,7 @@ class SyntheticCase:
         self.case_id, self.source_case, self.provenance = case_id, source_case, provenance
         self.reference, self.label_properties = reference, label_properties
         self._base_channels, self._base_label = list(channels), label
-        shape = np.shape(label)
-        self.box = np.stack([np.zeros(3, np.int64), np.asarray(shape, np.int64)], axis=1)
+        self.box = self._full_box  # every voxel may differ (whole arrays); from_edit narrows it
         self._edited: dict[int, np.ndarray] = {}
         self._label_box: np.ndarray | None = None
 

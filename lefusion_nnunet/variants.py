@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Collection, Iterator
 
 import numpy as np
-from scipy import ndimage
 
 from lefusion_nnunet.checkpoints.loaders import check_mask_checkpoint_matches
 from lefusion_nnunet.data.dataset import RawDataset
@@ -30,8 +29,9 @@ from lefusion_nnunet.data.io import (ImageVolume, check_same_grid, read_image, r
                                      world_to_voxel)
 from lefusion_nnunet.data.lung_region import lung_region
 from lefusion_nnunet.data.mask_library import MaskLibrary
-from lefusion_nnunet.data.masks import ellipsoid_mask, mask_equivalent_diameter, mask_volume_mm3, nested_class_masks
-from lefusion_nnunet.data.placement import allowed_box, allowed_region, place_mask
+from lefusion_nnunet.data.masks import (ellipsoid_mask, mask_bounds, mask_equivalent_diameter, mask_volume_mm3,
+                                        nested_class_masks)
+from lefusion_nnunet.data.placement import allowed_region, place_mask
 from lefusion_nnunet.data.roi import mask_fits_roi, plan_roi_origin
 from lefusion_nnunet.errors import LeFusionInputError
 from lefusion_nnunet.paths import find_default_checkpoint
@@ -187,7 +187,7 @@ class _VariantMaker:
             allowed = allowed_region(label, image=image, lesion_labels=self.lesion_labels)
             what = "body"
         return _CaseContext(case_id, vol, label, lprops, allowed, what, self.data.intensity.value_range_for(image),
-                            allowed_box(allowed))
+                            mask_bounds(allowed))
 
     def _roi_origin(self, masks: np.ndarray, spacing, margin: float = 1.0, offset=(0, 0, 0)) -> np.ndarray | None:
         """The planned model-ROI origin of a lesion (native voxels, z y x) whose ``(C, z, y, x)`` masks start at
@@ -352,11 +352,12 @@ class _VariantMaker:
 
 def _tight_block(masks_czyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A whole-volume ``(C, Z, Y, X)`` mask as its tight block and the block's offset (z, y, x)."""
-    found = ndimage.find_objects(masks_czyx.any(0).astype(np.uint8))
-    if not found or found[0] is None:
+    bounds = mask_bounds(masks_czyx)
+    if bounds is None:
         return masks_czyx[:, :1, :1, :1], np.zeros(3, np.int64)
-    box = found[0]
-    return np.ascontiguousarray(masks_czyx[(slice(None), *box)]), np.array([b.start for b in box], np.int64)
+    lo, hi = bounds
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    return np.ascontiguousarray(masks_czyx[(slice(None), *box)]), lo.astype(np.int64)
 
 
 def make_variants(synth: "LesionSynthesizer", dataset: RawDataset, case_ids: list[str], settings: VariantSettings,

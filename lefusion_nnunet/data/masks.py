@@ -75,15 +75,24 @@ def mask_equivalent_diameter(mask: np.ndarray, spacing_zyx: Spacing) -> float:
     return equivalent_diameter_mm(mask_volume_mm3(mask, spacing_zyx))
 
 
+def mask_bounds(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(lo, hi)``: the bounding box (voxels, z y x; ``hi`` exclusive) of the true voxels of a ``(Z, Y, X)`` mask
+    or of the union of a ``(C, Z, Y, X)`` one; None when it has none."""
+    m = np.asarray(mask, bool)
+    union = m.any(0) if m.ndim == 4 else m
+    found = ndimage.find_objects(union.view(np.uint8))
+    if not found or found[0] is None:
+        return None
+    return np.array([b.start for b in found[0]]), np.array([b.stop for b in found[0]])
+
+
 def crop_to_mask(mask: np.ndarray) -> np.ndarray:
     """Crop a ``(Z, Y, X)`` or ``(C, Z, Y, X)`` mask to the bounding box of its (union) true voxels."""
     m = np.asarray(mask, bool)
-    union = m.any(0) if m.ndim == 4 else m
-    idx = np.argwhere(union)
-    if len(idx) == 0:
+    bounds = mask_bounds(m)
+    if bounds is None:
         return m
-    lo, hi = idx.min(0), idx.max(0) + 1
-    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(*bounds))
     return m[(slice(None),) + sl] if m.ndim == 4 else m[sl]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.signal import fftconvolve
 
-from lefusion_nnunet.data.masks import _FLOAT32_MAX_VOXELS, _SLAB_VOXELS, Spacing, _check_spacing
+from lefusion_nnunet.data.masks import _FLOAT32_MAX_VOXELS, _SLAB_VOXELS, Spacing, _check_spacing, mask_bounds
 from lefusion_nnunet.errors import LeFusionInputError
 
 
@@ -128,14 +128,6 @@ def valid_offsets(mask_zyx: np.ndarray, allowed_zyx: np.ndarray) -> tuple[np.nda
 PLACEMENT_TRIES = 256
 
 
-def allowed_box(allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(lo, hi)``: the bounding box of ``allowed`` (voxels, z y x; ``hi`` exclusive), or None when it is empty."""
-    found = ndimage.find_objects(allowed.view(np.uint8) if allowed.dtype == bool else allowed.astype(np.uint8))
-    if not found or found[0] is None:
-        return None
-    return np.array([b.start for b in found[0]]), np.array([b.stop for b in found[0]])
-
-
 def _random_offset(union: np.ndarray, pts: np.ndarray, allowed: np.ndarray, rng: np.random.Generator,
                    tries: int, box: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
     """An offset drawn uniformly from those that keep the mask inside ``allowed`` (rejection sampling over the
@@ -167,7 +159,7 @@ def place_mask(mask_czyx: np.ndarray, allowed_zyx: np.ndarray, rng: np.random.Ge
     Args:
         mask_czyx: bool ``(C, z, y, x)`` or ``(z, y, x)`` lesion mask (tight).
         allowed_zyx: bool ``(Z, Y, X)``.
-        allowed_bounds: :func:`allowed_box` of ``allowed_zyx`` when the caller has it (one per case, not per
+        allowed_bounds: :func:`~lefusion_nnunet.data.masks.mask_bounds` of ``allowed_zyx`` when the caller has it (one per case, not per
             lesion); computed here otherwise.
 
     Returns:
@@ -178,7 +170,7 @@ def place_mask(mask_czyx: np.ndarray, allowed_zyx: np.ndarray, rng: np.random.Ge
     allowed = np.asarray(allowed_zyx, bool)
     pts = np.argwhere(union)
     if center_zyx is None and len(pts):
-        bounds = allowed_bounds if allowed_bounds is not None else allowed_box(allowed)
+        bounds = allowed_bounds if allowed_bounds is not None else mask_bounds(allowed)
         offset = _random_offset(union, pts, allowed, rng, PLACEMENT_TRIES, bounds)
         if offset is not None:
             return offset

@@ -140,6 +140,19 @@ class LesionEdit:
         return out
 
 
+def mask_block_offset(class_masks: np.ndarray, mask_offset_zyx, image_shape_zyx, num_classes: int) -> np.ndarray:
+    """Where a lesion request's masks lie in its image: the image voxel (z, y, x) of ``class_masks[:, 0, 0, 0]``,
+    i.e. ``mask_offset_zyx``, or 0 for whole-image masks (``mask_offset_zyx`` None). One sentence when the masks
+    are not ``num_classes`` blocks inside the image (or, without an offset, of the image's shape)."""
+    masks, shape = np.asarray(class_masks), tuple(int(v) for v in image_shape_zyx)
+    offset = np.zeros(3, np.int64) if mask_offset_zyx is None else np.asarray(mask_offset_zyx, np.int64)
+    inside = masks.ndim == 4 and (offset >= 0).all() and (offset + masks.shape[1:] <= np.asarray(shape)).all()
+    if not inside or masks.shape[0] != num_classes or (mask_offset_zyx is None and masks.shape[1:] != shape):
+        raise LeFusionInputError(f"lesion masks of shape {masks.shape} do not match {num_classes} class(es) "
+                                 f"on an image of shape {shape} (z, y, x).")
+    return offset
+
+
 def _axis_coords(origin_zyx, native_spacing: Vec3, geometry: RoiGeometry) -> list[np.ndarray]:
     s = _scale(native_spacing, geometry)
     return [origin_zyx[a] + np.arange(geometry.size_zyx[a]) * s[a] for a in range(3)]

@@ -5,7 +5,7 @@ The trainer makes K synthetic variants of every lesion-free case of the current 
 ``swap_dataset.Patch``: the bounding box where nnU-Net's preprocessing of the variant (the run's
 plans/configuration, the image cast to the source's pixel type) differs from the source case as nnU-Net stored it
 (:class:`~lefusion_nnunet.integration.patch_maker.PatchMaker`). By default only the neighbourhood of what the
-variant changed is preprocessed (route "crop": 1.8 s per variant at 512 x 512 x 128 on a busy 2-core CPU);
+variant changed is preprocessed (route "crop": about 0.23 s per variant at 512 x 512 x 128 on a 2-core CPU);
 nnU-Net's ``run_case_npy`` on the whole variant (route "full", the reference: 41 s there) is the fallback where
 the crop route does not apply; the manifest records each variant's route. The bank lives in
 ``$nnUNet_preprocessed/<Dataset>/lefusion_bank/<configuration>_fold<F>_<hash>/`` (files:

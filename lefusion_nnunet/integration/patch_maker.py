@@ -233,7 +233,7 @@ class PatchMaker:
         channels / label inside a box containing it, or a reason string. Reads only the variant's own box
         (``case.box``: every changed voxel lies inside it)."""
         native = src["native"]
-        outer = np.asarray(getattr(case, "box", [[0, n] for n in native.shape[1:]]), np.int64).reshape(3, 2)
+        outer = np.asarray(case.box, np.int64).reshape(3, 2)
         osl = _slices(outer)
         channels = [case.channel_in(c, outer) for c in range(native.shape[0])]
         label = case.label_in(outer)

@@ -50,7 +50,7 @@ from lefusion_nnunet.data.dataset import load_raw_dataset
 from lefusion_nnunet.data.histogram import (HIST_BINS, TextureSpec, class_histograms, cluster_prototypes,
                                             lesion_histogram, resolve_texture)
 from lefusion_nnunet.data.intensity import IntensitySpace, derive_ct_window
-from lefusion_nnunet.data.roi import LesionEdit, NativeWindow, RoiGeometry
+from lefusion_nnunet.data.roi import LesionEdit, NativeWindow, RoiGeometry, mask_block_offset
 from lefusion_nnunet.errors import LeFusionInputError
 from lefusion_nnunet.paths import find_default_checkpoint
 from lefusion_nnunet.synthesis.copy_paste_sources import CopyPasteSource, SourceLesion, collect_source_lesions
@@ -247,12 +247,7 @@ class CopyPasteSynthesizer:
         data = self.data
         image = np.asarray(req.image)
         masks = np.asarray(req.class_masks, bool)
-        offset = np.zeros(3, np.int64) if req.mask_offset_zyx is None else np.asarray(req.mask_offset_zyx, np.int64)
-        inside = masks.ndim == 4 and (offset >= 0).all() and (offset + masks.shape[1:] <= np.asarray(image.shape)).all()
-        if masks.ndim != 4 or masks.shape[0] != data.num_classes or not inside or \
-                (req.mask_offset_zyx is None and masks.shape[1:] != image.shape):
-            raise LeFusionInputError(f"lesion masks of shape {masks.shape} do not match {data.num_classes} class(es) "
-                                     f"on an image of shape {image.shape} (z, y, x).")
+        offset = mask_block_offset(masks, req.mask_offset_zyx, image.shape, data.num_classes)
         union = masks.any(0)
         if not union.any():
             window = NativeWindow((0, 0, 0), (1, 1, 1), tuple(int(v) for v in image.shape))

@@ -27,8 +27,8 @@ from lefusion_nnunet.checkpoints.loaders import LoadedCheckpoint, load_lesion_ch
 from lefusion_nnunet.data.config import DataConfig
 from lefusion_nnunet.data.histogram import TextureSpec, class_histograms, resolve_texture
 from lefusion_nnunet.data.masks import roi_mask_to_native
-from lefusion_nnunet.data.roi import (LesionEdit, NativeWindow, extract_roi, extract_roi_mask, mask_fits_roi, paste_roi,
-                                      plan_roi_origin)
+from lefusion_nnunet.data.roi import (LesionEdit, NativeWindow, extract_roi, extract_roi_mask, mask_block_offset,
+                                      mask_fits_roi, paste_roi, plan_roi_origin)
 from lefusion_nnunet.diffusion import SamplerConfig, make_sampler
 from lefusion_nnunet.diffusion.inputs import lesion_model_inputs
 from lefusion_nnunet.errors import LeFusionInputError
@@ -146,12 +146,7 @@ class LesionSynthesizer:
         data = self.data
         masks = np.asarray(req.class_masks, bool)
         shape = tuple(int(v) for v in np.shape(req.image))
-        offset = np.zeros(3, np.int64) if req.mask_offset_zyx is None else np.asarray(req.mask_offset_zyx, np.int64)
-        inside = masks.ndim == 4 and (offset >= 0).all() and (offset + masks.shape[1:] <= np.asarray(shape)).all()
-        if masks.ndim != 4 or masks.shape[0] != data.num_classes or not inside or \
-                (req.mask_offset_zyx is None and masks.shape[1:] != shape):
-            raise LeFusionInputError(f"lesion masks of shape {masks.shape} do not match {data.num_classes} class(es) "
-                                     f"on an image of shape {shape} (z, y, x).")
+        offset = mask_block_offset(masks, req.mask_offset_zyx, shape, data.num_classes)
         block_union = masks.any(0)
         origin = (np.asarray(req.roi_origin_zyx, np.float64) if req.roi_origin_zyx is not None
                   else plan_roi_origin(block_union, req.spacing, data.roi, offset))
